@@ -1,0 +1,73 @@
+"""The Celery configuration, derived from the settings.
+
+JSON only on the broker (never pickle). Pipeline tasks ack late and are re-queued when a
+worker dies; prefetch is 1 so a long fit never holds other tasks hostage. The broker
+visibility timeout is one setting used everywhere, and no task ETA may exceed it: rollouts
+advance on periodic ticks (celery-redbeat), never on a sleeping task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu import Queue
+
+QUEUE_TRAINING_HIGH = "training.high"
+QUEUE_TRAINING_LOW = "training.low"
+QUEUE_GATE = "gate"
+QUEUE_ROLLOUT = "rollout"
+QUEUE_DECISION = "decision"
+
+ROLE_QUEUES: dict[str, tuple[str, ...]] = {
+    "decision": (QUEUE_DECISION,),
+    "training": (QUEUE_TRAINING_HIGH, QUEUE_TRAINING_LOW),
+    "gate": (QUEUE_GATE,),
+    "rollout": (QUEUE_ROLLOUT,),
+}
+ROLE_QUEUES["all"] = tuple(q for qs in ROLE_QUEUES.values() for q in qs)
+
+PIPELINE_TASK_OPTIONS: dict[str, Any] = {
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+}
+
+
+def celery_config(settings, broker_url: str) -> dict[str, Any]:
+    """Celery settings (lower-case names) for a broker/backend URL."""
+    visibility = int(settings.visibility_timeout.total_seconds())
+    transport = {
+        "visibility_timeout": visibility,
+        "queue_order_strategy": "priority",  # training.high is always drained before training.low
+        "global_keyprefix": "",
+    }
+    return {
+        "broker_url": broker_url,
+        "result_backend": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": visibility},
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_track_started": True,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "result_expires": int(settings.result_expires.total_seconds()),
+        "task_default_queue": QUEUE_DECISION,
+        "task_queues": [Queue(q, routing_key=q) for q in ROLE_QUEUES["all"]],
+        "task_create_missing_queues": False,
+        "timezone": "UTC",
+        "enable_utc": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "redbeat_redis_url": broker_url,
+        "redbeat_key_prefix": f"{settings.key_prefix}:redbeat:",
+        "redbeat_lock_timeout": 30,
+        "beat_max_loop_interval": 5,
+    }

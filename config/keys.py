@@ -1,0 +1,139 @@
+"""Every Redis key the system uses is built here, and only here.
+
+Keys start with the configured prefix. Per-model keys carry the model name as a Redis
+Cluster hash tag (``{churn}``) so all of one model's keys live in one slot and can be
+changed together in one MULTI/EXEC. Stream shards carry their own tag.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "retrain"
+    shards: int = 4
+
+    # --- the event log ------------------------------------------------------------------
+    def shard_of(self, model: str) -> int:
+        return zlib.crc32(model.encode()) % self.shards
+
+    def events(self, shard: int) -> str:
+        """One shard of the event stream (every model's signals and lifecycle events)."""
+        return f"{self.prefix}:events:{{s{shard}}}"
+
+    def events_for(self, model: str) -> str:
+        return self.events(self.shard_of(model))
+
+    def all_event_streams(self) -> list[str]:
+        return [self.events(i) for i in range(self.shards)]
+
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:deadletter:{{dlq}}"
+
+    # --- per model -----------------------------------------------------------------------
+    def _model(self, model: str, what: str) -> str:
+        return f"{self.prefix}:model:{{{model}}}:{what}"
+
+    def seen(self, model: str) -> str:
+        """Sorted set of handled event ids (score = time) for de-duplication."""
+        return self._model(model, "seen")
+
+    def signals(self, model: str) -> str:
+        """Hash: latest value of every signal for the model."""
+        return self._model(model, "signals")
+
+    def drift_history(self, model: str) -> str:
+        return self._model(model, "drift_history")
+
+    def guard(self, model: str) -> str:
+        """Hash: last training, pending signals window, in-flight pipeline."""
+        return self._model(model, "guard")
+
+    def trainings(self, model: str) -> str:
+        """Sorted set of training start times (for the daily budget)."""
+        return self._model(model, "trainings")
+
+    def pending_events(self, model: str) -> str:
+        """List of event ids that contributed to the next decision."""
+        return self._model(model, "pending_events")
+
+    def decisions(self, model: str) -> str:
+        """Sorted set of the model's decision ids by time."""
+        return self._model(model, "decisions")
+
+    def decision(self, model: str, decision_id: str) -> str:
+        return self._model(model, f"decision:{decision_id}")
+
+    def pipeline(self, model: str, pipeline_id: str) -> str:
+        return self._model(model, f"pipeline:{pipeline_id}")
+
+    def step_done(self, model: str, pipeline_id: str, step: str) -> str:
+        return self._model(model, f"pipeline:{pipeline_id}:{step}")
+
+    def versions(self, model: str) -> str:
+        """Hash: version number -> version record (JSON)."""
+        return self._model(model, "versions")
+
+    def version_counter(self, model: str) -> str:
+        return self._model(model, "version_counter")
+
+    def aliases(self, model: str) -> str:
+        """Hash: alias (production, previous, candidate, ...) -> version."""
+        return self._model(model, "aliases")
+
+    def alias_history(self, model: str) -> str:
+        """Stream: append-only log of alias moves (who, why, when)."""
+        return self._model(model, "alias_history")
+
+    def rollout(self, model: str) -> str:
+        """The rollout state machine (JSON with a revision for optimistic concurrency)."""
+        return self._model(model, "rollout")
+
+    def traffic(self, model: str) -> str:
+        """Hash: the traffic table the router serves (with a version number)."""
+        return self._model(model, "traffic")
+
+    def requests(self, model: str) -> str:
+        """Stream: per-request log written by the router."""
+        return self._model(model, "requests")
+
+    def feedback(self, model: str) -> str:
+        """Stream: delayed ground-truth labels by request id."""
+        return self._model(model, "feedback")
+
+    def history(self, model: str) -> str:
+        """Stream: the model's own event log (for ``retrain history``)."""
+        return self._model(model, "history")
+
+    def alerts(self, model: str) -> str:
+        return self._model(model, "alerts")
+
+    def lock(self, model: str, name: str) -> str:
+        return self._model(model, f"lock:{name}")
+
+    # --- global --------------------------------------------------------------------------
+    def models(self) -> str:
+        """Set of every model name the system has seen."""
+        return f"{self.prefix}:models"
+
+    def traffic_channel(self) -> str:
+        """Pub/sub channel announcing traffic-table changes."""
+        return f"{self.prefix}:traffic-changed"
+
+    def decision_index(self) -> str:
+        """Hash: decision id -> model name (so ``explain ID`` needs no model)."""
+        return f"{self.prefix}:decision-index"
+
+    def pattern(self) -> str:
+        """Glob matching every key this module builds."""
+        return f"{self.prefix}:*"
+
+
+def keys_from_settings(settings=None) -> Keys:
+    from config.settings import get_settings
+
+    s = settings or get_settings()
+    return Keys(prefix=s.key_prefix, shards=s.stream_shards)

@@ -1,0 +1,375 @@
+"""The event bus on Redis Streams.
+
+Producers validate and XADD (pipelined) into the model's shard of the event stream.
+Consumers read in batches through a consumer group, skip event ids they have already
+handled, let the handler queue its effects into one MULTI/EXEC together with the "seen"
+marks, and XACK only after that transaction committed. Entries left pending by a dead
+consumer are reclaimed with XAUTOCLAIM; an entry delivered ``max_deliveries`` times, or one
+that is not a valid event, moves to the dead-letter stream with the reason and the original
+payload. Delivery is at least once; effects are once per event id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+import structlog
+
+from config.keys import Keys
+from events.envelope import CloudEvent, EventError, parse_event
+
+log = structlog.get_logger(__name__)
+
+PAYLOAD_FIELD = "e"
+MAX_DEAD_LETTER_LEN = 100_000
+
+Handler = Callable[[list[CloudEvent], "redis.client.Pipeline"], None]
+"""Queue the effects of a batch of new events into the (transactional) pipeline."""
+
+
+@dataclass
+class PublishResult:
+    published: list[str] = field(default_factory=list)
+    """Event ids written to the stream."""
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    """(index in the input, reason) for each event refused."""
+
+
+class EventBus:
+    """Publish events and manage the stream (the producer side, plus housekeeping)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, *, maxlen: int = 1_000_000, max_event_bytes: int = 65536):
+        self.redis = client
+        self.keys = keys
+        self.maxlen = maxlen
+        self.max_event_bytes = max_event_bytes
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings) -> "EventBus":
+        from config.keys import keys_from_settings
+
+        return cls(client, keys_from_settings(settings), maxlen=settings.stream_maxlen,
+                   max_event_bytes=settings.max_event_bytes)
+
+    def publish(self, event: CloudEvent | dict | str | bytes) -> str:
+        """Validate and publish one event; return its id. Raise EventError if invalid."""
+        result = self.publish_many([event])
+        if result.rejected:
+            raise EventError(result.rejected[0][1])
+        return result.published[0]
+
+    def publish_many(self, events: Iterable[CloudEvent | dict | str | bytes], *, chunk: int = 5000) -> PublishResult:
+        """Validate every event and publish the valid ones in pipelined batches."""
+        result = PublishResult()
+        pipe = self.redis.pipeline(transaction=False)
+        pending = 0
+        for index, item in enumerate(events):
+            try:
+                event = item if isinstance(item, CloudEvent) else parse_event(item, max_bytes=self.max_event_bytes)
+                payload = event.to_json()
+                if len(payload) > self.max_event_bytes:
+                    raise EventError(f"event is {len(payload)} bytes, over the limit of {self.max_event_bytes}")
+            except EventError as exc:
+                result.rejected.append((index, str(exc)))
+                continue
+            self._xadd(pipe, event.subject, payload)
+            result.published.append(event.id)
+            pending += 1
+            if pending >= chunk:
+                pipe.execute()
+                pending = 0
+        if pending:
+            pipe.execute()
+        return result
+
+    def _xadd(self, pipe, model: str, payload: str) -> None:
+        pipe.xadd(self.keys.events_for(model), {PAYLOAD_FIELD: payload}, maxlen=self.maxlen, approximate=True)
+
+    def publish_raw(self, model_or_shard: str | int, payload: str | bytes) -> str:
+        """Write a payload without validation (for tests and re-publishing raw entries)."""
+        stream = self.keys.events(model_or_shard) if isinstance(model_or_shard, int) else self.keys.events_for(model_or_shard)
+        return self.redis.xadd(stream, {PAYLOAD_FIELD: payload}, maxlen=self.maxlen, approximate=True)
+
+    def trim_older_than(self, seconds: float) -> int:
+        """Drop entries older than ``seconds`` from every shard (XTRIM MINID ~)."""
+        min_id = f"{int((time.time() - seconds) * 1000)}-0"
+        return sum(self.redis.xtrim(s, minid=min_id, approximate=False) or 0 for s in self.keys.all_event_streams())
+
+    # --- dead letters ------------------------------------------------------------------
+    def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
+        entries = self.redis.xrevrange(self.keys.dead_letters(), count=count)
+        return [{"id": _s(eid), **{_s(k): _s(v) for k, v in fields.items()}} for eid, fields in entries]
+
+    def republish_dead_letter(self, entry_id: str, payload: str | None = None) -> str:
+        """Validate and publish a dead-lettered payload (or a fixed one), then remove the entry."""
+        entries = self.redis.xrange(self.keys.dead_letters(), min=entry_id, max=entry_id)
+        if not entries:
+            raise KeyError(f"no dead letter with id {entry_id}")
+        original = _s(entries[0][1].get(b"payload", b""))
+        event = parse_event(payload if payload is not None else original, max_bytes=self.max_event_bytes)
+        event_id = self.publish(event)
+        self.redis.xdel(self.keys.dead_letters(), entry_id)
+        return event_id
+
+
+def _s(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class ConsumerStats:
+    read: int = 0
+    handled: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    reclaimed: int = 0
+    failed_batches: int = 0
+
+
+class StreamConsumer:
+    """A member of a consumer group over every shard of the event stream.
+
+    ``poll()`` reads one batch, handles it and acks it; run it in a loop (``run()``), or call
+    it from a test. Safe to run many consumers (processes or hosts) in one group.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        group: str,
+        consumer: str,
+        handler: Handler,
+        *,
+        batch_size: int = 1000,
+        block_ms: int = 500,
+        max_deliveries: int = 5,
+        claim_idle_ms: int = 30_000,
+        dedup_retention_s: float = 7 * 86400,
+        max_event_bytes: int = 65536,
+    ):
+        self.redis = client
+        self.keys = keys
+        self.group = group
+        self.consumer = consumer
+        self.handler = handler
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.max_deliveries = max_deliveries
+        self.claim_idle_ms = claim_idle_ms
+        self.dedup_retention_s = dedup_retention_s
+        self.max_event_bytes = max_event_bytes
+        self.streams = keys.all_event_streams()
+        self.stats = ConsumerStats()
+        self._stopping = False
+        self._last_claim = 0.0
+        self._own_pending_done = False
+        self._trim_counter = 0
+
+    @classmethod
+    def from_settings(cls, client, settings, group: str, consumer: str, handler: Handler) -> "StreamConsumer":
+        from config.keys import keys_from_settings
+
+        return cls(
+            client, keys_from_settings(settings), group, consumer, handler,
+            batch_size=settings.bus_batch_size, block_ms=settings.bus_block_ms,
+            max_deliveries=settings.bus_max_deliveries,
+            claim_idle_ms=int(settings.bus_claim_idle.total_seconds() * 1000),
+            dedup_retention_s=settings.dedup_retention.total_seconds(),
+            max_event_bytes=settings.max_event_bytes,
+        )
+
+    def ensure_group(self) -> None:
+        for stream in self.streams:
+            try:
+                self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    # --- the loop ------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self, idle_callback: Callable[[], None] | None = None) -> None:
+        self.ensure_group()
+        while not self._stopping:
+            try:
+                self.poll()
+                if idle_callback is not None:
+                    idle_callback()
+            except redis.ConnectionError as exc:  # Redis restarting: wait and carry on
+                log.warning("bus.connection_lost", error=str(exc))
+                time.sleep(0.5)
+
+    def poll(self, block_ms: int | None = None) -> int:
+        """Read, handle and ack one batch; return how many entries were processed."""
+        entries: list[tuple[str, str, dict]] = []
+        if not self._own_pending_done:
+            # After a restart under the same name, our own unacked entries come first.
+            entries = self._read("0", block_ms=None)
+            if not entries:
+                self._own_pending_done = True
+        if not entries and time.monotonic() - self._last_claim > self.claim_idle_ms / 1000 / 2:
+            self._last_claim = time.monotonic()
+            entries = self.reclaim()
+        if not entries:
+            entries = self._read(">", block_ms=self.block_ms if block_ms is None else block_ms)
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    def _read(self, start: str, block_ms: int | None) -> list[tuple[str, str, dict]]:
+        reply = self.redis.xreadgroup(
+            self.group, self.consumer, {s: start for s in self.streams},
+            count=self.batch_size, block=block_ms,
+        )
+        out = []
+        for stream, items in reply or []:
+            stream = _s(stream)
+            for entry_id, fields in items:
+                if fields:  # a deleted entry still pending shows with no fields
+                    out.append((stream, _s(entry_id), fields))
+                else:
+                    self.redis.xack(stream, self.group, entry_id)
+        return out
+
+    def reclaim(self) -> list[tuple[str, str, dict]]:
+        """XAUTOCLAIM entries idle on dead consumers; dead-letter those delivered too often."""
+        claimed: list[tuple[str, str, dict]] = []
+        for stream in self.streams:
+            reply = self.redis.xautoclaim(stream, self.group, self.consumer, self.claim_idle_ms,
+                                          start_id="0-0", count=self.batch_size)
+            items = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
+            for gone in (reply[2] if len(reply) > 2 else []):  # deleted while pending
+                self.redis.xack(stream, self.group, gone)
+            if not items:
+                continue
+            info = self.redis.xpending_range(stream, self.group, min=items[0][0], max=items[-1][0],
+                                             count=len(items) * 2 + 10, consumername=self.consumer)
+            deliveries = {_s(p["message_id"]): p["times_delivered"] for p in info}
+            pipe = self.redis.pipeline(transaction=False)
+            dead = 0
+            for entry_id, fields in items:
+                entry_id = _s(entry_id)
+                if deliveries.get(entry_id, 0) > self.max_deliveries:
+                    payload = _s(fields.get(PAYLOAD_FIELD.encode(), b""))
+                    self._dead_letter(stream, entry_id, payload,
+                                      f"delivered {deliveries[entry_id]} times without success", pipe=pipe)
+                    dead += 1
+                else:
+                    claimed.append((stream, entry_id, fields))
+            if dead:
+                pipe.execute()
+        self.stats.reclaimed += len(claimed)
+        if claimed:
+            log.info("bus.reclaimed", count=len(claimed), consumer=self.consumer)
+        return claimed
+
+    def _dead_letter(self, stream: str, entry_id: str, payload: str, reason: str, pipe=None) -> None:
+        target = pipe if pipe is not None else self.redis.pipeline(transaction=True)
+        target.xadd(self.keys.dead_letters(), {
+            "reason": reason, "payload": payload, "stream": stream, "entry_id": entry_id,
+            "time": f"{time.time():.3f}", "group": self.group,
+        }, maxlen=MAX_DEAD_LETTER_LEN, approximate=True)
+        target.xack(stream, self.group, entry_id)
+        if pipe is None:
+            target.execute()
+        self.stats.dead_lettered += 1
+        log.warning("bus.dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
+
+    # --- handling ------------------------------------------------------------------------
+    def process(self, entries: Sequence[tuple[str, str, dict]]) -> None:
+        self.stats.read += len(entries)
+        valid: list[tuple[str, str, CloudEvent]] = []
+        pipe = self.redis.pipeline(transaction=False)
+        bad = 0
+        for stream, entry_id, fields in entries:
+            raw = fields.get(PAYLOAD_FIELD.encode(), fields.get(PAYLOAD_FIELD))
+            try:
+                if raw is None:
+                    raise EventError(f"stream entry has no '{PAYLOAD_FIELD}' field")
+                valid.append((stream, entry_id, parse_event(raw, max_bytes=self.max_event_bytes)))
+            except EventError as exc:
+                self._dead_letter(stream, entry_id, _s(raw) if raw is not None else json.dumps(
+                    {_s(k): _s(v) for k, v in fields.items()}), str(exc), pipe=pipe)
+                bad += 1
+        if bad:
+            pipe.execute()
+        if not valid:
+            return
+        fresh, dupes = self._split_seen(valid)
+        if fresh:
+            try:
+                self._commit(fresh)
+            except redis.ConnectionError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the bus
+                self.stats.failed_batches += 1
+                log.exception("bus.batch_failed", error=str(exc), size=len(fresh))
+                fresh = self._commit_one_by_one(fresh)
+        self.stats.duplicates += len(dupes)
+        acks: dict[str, list[str]] = {}
+        for stream, entry_id, _ in (*fresh, *dupes):
+            acks.setdefault(stream, []).append(entry_id)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream, ids in acks.items():
+            pipe.xack(stream, self.group, *ids)
+        pipe.execute()
+
+    def _split_seen(self, valid):
+        by_model: dict[str, list[int]] = {}
+        for i, (_, _, event) in enumerate(valid):
+            by_model.setdefault(event.subject, []).append(i)
+        pipe = self.redis.pipeline(transaction=False)
+        order = list(by_model.items())
+        for model, idx in order:
+            pipe.zmscore(self.keys.seen(model), [valid[i][2].id for i in idx])
+        seen_flags = [False] * len(valid)
+        for (model, idx), scores in zip(order, pipe.execute()):
+            for i, score in zip(idx, scores):
+                seen_flags[i] = score is not None
+        fresh, dupes, batch_ids = [], [], set()
+        for flag, item in zip(seen_flags, valid):
+            key = (item[2].subject, item[2].id)
+            if flag or key in batch_ids:
+                dupes.append(item)
+            else:
+                batch_ids.add(key)
+                fresh.append(item)
+        return fresh, dupes
+
+    def _commit(self, fresh) -> None:
+        pipe = self.redis.pipeline(transaction=True)
+        events = [e for _, _, e in fresh]
+        self.handler(events, pipe)
+        now = time.time()
+        by_model: dict[str, dict[str, float]] = {}
+        for e in events:
+            by_model.setdefault(e.subject, {})[e.id] = now
+        self._trim_counter += 1
+        trim = self._trim_counter % 100 == 0
+        for model, mapping in by_model.items():
+            pipe.zadd(self.keys.seen(model), mapping)
+            if trim:
+                pipe.zremrangebyscore(self.keys.seen(model), 0, now - self.dedup_retention_s)
+        pipe.execute()
+        self.stats.handled += len(events)
+
+    def _commit_one_by_one(self, fresh):
+        """After a failed batch, isolate the poison event(s); they stay pending for a retry."""
+        done = []
+        for item in fresh:
+            try:
+                self._commit([item])
+                done.append(item)
+            except redis.ConnectionError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                log.warning("bus.event_failed", event_id=item[2].id, model=item[2].subject, error=str(exc))
+        return done

@@ -1,0 +1,128 @@
+"""The CloudEvents 1.0 envelope (JSON structured mode) and its validation.
+
+``parse_event`` is the single gate every event passes, at the producer and again at the
+consumer: it returns a :class:`CloudEvent` or raises :class:`EventError` whose message is the
+one-line reason that goes to the caller, the HTTP response or the dead-letter stream.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from events.types import EVENT_TYPES, EventData
+
+SPEC_VERSION = "1.0"
+DEFAULT_SOURCE = "urn:retrain"
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+
+
+class EventError(ValueError):
+    """An event that cannot be accepted; ``str()`` is the reason, one line."""
+
+
+class CloudEvent(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    specversion: str = SPEC_VERSION
+    id: str = Field(min_length=1, max_length=256)
+    source: str = Field(min_length=1)
+    type: str
+    time: datetime
+    subject: str = Field(pattern=MODEL_NAME_PATTERN)
+    """The model name."""
+    datacontenttype: str = "application/json"
+    data: dict[str, Any]
+
+    @field_validator("specversion")
+    @classmethod
+    def _spec(cls, v: str) -> str:
+        if v != SPEC_VERSION:
+            raise ValueError(f"specversion must be {SPEC_VERSION!r}")
+        return v
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        if v not in EVENT_TYPES:
+            raise ValueError(f"unknown event type {v!r}")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+
+    @property
+    def model(self) -> str:
+        return self.subject
+
+    def typed_data(self) -> EventData:
+        return EVENT_TYPES[self.type].model_validate(self.data)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_none=False)
+
+
+def new_event(
+    type: str,
+    subject: str,
+    data: dict[str, Any] | EventData,
+    *,
+    source: str = DEFAULT_SOURCE,
+    id: str | None = None,
+    time: datetime | None = None,
+) -> CloudEvent:
+    """Build and validate an event (the producer side of the contract)."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json", exclude_none=True)
+    raw = {
+        "specversion": SPEC_VERSION,
+        "id": id or uuid.uuid4().hex,
+        "source": source,
+        "type": type,
+        "time": (time or datetime.now(timezone.utc)).isoformat(),
+        "subject": subject,
+        "datacontenttype": "application/json",
+        "data": data,
+    }
+    return parse_event(raw)
+
+
+def _reason(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "event"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"missing field '{loc}'" if err["type"] == "missing" else f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = None) -> CloudEvent:
+    """Validate an envelope and its typed data; raise :class:`EventError` with the reason."""
+    if isinstance(raw, (bytes, str)):
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise EventError(f"event is {len(raw)} bytes, over the limit of {max_bytes}")
+        try:
+            raw = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise EventError(f"malformed JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise EventError(f"an event must be a JSON object, got {type(raw).__name__}")
+    try:
+        event = CloudEvent.model_validate(raw)
+    except ValidationError as exc:
+        raise EventError(_reason(exc)) from None
+    try:
+        event.typed_data()
+    except ValidationError as exc:
+        raise EventError(f"{event.type} " + _reason(exc).replace("missing field '", "missing field 'data.")) from None
+    if max_bytes is not None:
+        size = len(event.to_json())
+        if size > max_bytes:
+            raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
+    return event

@@ -1,0 +1,279 @@
+"""The event bus on a real Redis: publish, consume, ack, reclaim, dead-letter, de-duplicate."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from config.keys import Keys
+from events.bus import PAYLOAD_FIELD, EventBus, StreamConsumer
+from events.envelope import EventError, new_event, parse_event
+from events.types import EVENT_TYPES
+from tests.support import ROOT, wait_for
+
+EFFECTS = "retrain:test:effects"
+
+SAMPLE_DATA = {
+    "drift.data": {"drift_score": 0.4, "drifted_features": ["age"]},
+    "drift.concept": {"value": 0.3, "metric": "psi"},
+    "performance.measured": {"metric": "accuracy", "value": 0.8, "baseline": 0.9, "n_labeled": 500},
+    "volume.accumulated": {"new_samples": 1000},
+    "schedule.tick": {"schedule": "0 3 * * *"},
+    "upstream.changed": {"feature_version": "v2", "removed": ["x"], "breaking": True},
+    "retrain.requested": {"reason": "new labels", "requested_by": "ana"},
+    "retrain.decided": {"decision_id": "d1", "urgency": "high", "triggers": ["data_drift"]},
+    "retrain.suppressed": {"decision_id": "d2", "reason": "cooldown"},
+    "training.started": {"pipeline_id": "p1"},
+    "training.succeeded": {"pipeline_id": "p1", "version": 2},
+    "training.failed": {"pipeline_id": "p1", "error": "boom"},
+    "gate.passed": {"pipeline_id": "p1", "version": 2, "passed": True},
+    "gate.failed": {"pipeline_id": "p1", "version": 2, "passed": False, "failed_checks": ["latency"]},
+    "model.staged": {"version": 2, "pipeline_id": "p1"},
+    "rollout.started": {"version": 2, "phase": "shadow", "traffic": 0},
+    "rollout.advanced": {"version": 2, "phase": "canary", "traffic": 5},
+    "rollout.paused": {"version": 2, "reason": "insufficient evidence"},
+    "rollout.resumed": {"version": 2},
+    "rollout.completed": {"version": 2, "traffic": 100},
+    "rollout.rolled_back": {"version": 2, "reason": "accuracy"},
+    "rollout.aborted": {"version": 2, "reason": "operator"},
+    "alert.raised": {"severity": "critical", "title": "gate failed"},
+}
+
+
+def effect_handler(events, pipe):
+    for e in events:
+        pipe.hincrby(EFFECTS, e.id, 1)
+
+
+def make_consumer(client, keys, name="c1", handler=effect_handler, **kw):
+    c = StreamConsumer(client, keys, "g", name, handler, batch_size=kw.pop("batch_size", 100), block_ms=50, **kw)
+    c.ensure_group()
+    return c
+
+
+def drain(consumer, rounds=20):
+    for _ in range(rounds):
+        if consumer.poll(block_ms=10) == 0:
+            break
+
+
+@pytest.fixture
+def bus(redis_client, keys):
+    return EventBus(redis_client, keys, max_event_bytes=4096)
+
+
+class TestEnvelope:
+    def test_every_event_type_is_covered_by_a_sample(self):
+        """The round-trip test below exercises every declared event type."""
+        assert set(SAMPLE_DATA) == set(EVENT_TYPES)
+
+    @pytest.mark.parametrize("etype", sorted(SAMPLE_DATA))
+    def test_every_event_type_round_trips_through_the_stream(self, etype, bus, redis_client, keys):
+        """Each type is published, read back through a consumer group, and equals the original."""
+        event = new_event(etype, "churn", SAMPLE_DATA[etype])
+        bus.publish(event)
+        got = []
+        c = make_consumer(redis_client, keys, handler=lambda evs, pipe: got.extend(evs))
+        drain(c)
+        assert got == [event]
+        assert got[0].typed_data() == event.typed_data()
+
+    @pytest.mark.parametrize("raw, reason", [
+        ("{not json", "malformed JSON"),
+        ('["a list"]', "must be a JSON object"),
+        ({"type": "drift.data"}, "missing field 'id'"),
+        ("WRONG_TYPE", "unknown event type"),
+        ("MISSING_DATA_FIELD", "missing field 'data.drift_score'"),
+        ("BAD_VALUE", "drift_score"),
+    ])
+    def test_producer_rejects_bad_events_with_a_reason(self, raw, reason, bus):
+        """Malformed JSON, a wrong type or missing fields are refused before publishing, with the reason."""
+        good = new_event("drift.data", "churn", {"drift_score": 0.2}).model_dump(mode="json")
+        raw = {"WRONG_TYPE": {**good, "type": "drift.nope"},
+               "MISSING_DATA_FIELD": {**good, "data": {"drifted_features": []}},
+               "BAD_VALUE": {**good, "data": {"drift_score": "high"}}}.get(raw, raw) if isinstance(raw, str) else raw
+        with pytest.raises(EventError, match=reason):
+            bus.publish(raw)
+
+    def test_oversize_event_is_rejected(self, bus):
+        """An event over the configured byte limit is refused with its size in the reason."""
+        big = new_event("drift.data", "churn", {"drift_score": 0.1, "drifted_features": ["f" * 50] * 200})
+        with pytest.raises(EventError, match="over the limit of 4096"):
+            bus.publish(big)
+
+    def test_publish_many_reports_each_rejection_and_publishes_the_rest(self, bus, redis_client, keys):
+        """A batch with bad lines publishes the good ones and lists the bad ones by index."""
+        good = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(3)]
+        result = bus.publish_many([good[0], "{", good[1], {"id": "x"}, good[2]])
+        assert result.published == [e.id for e in good]
+        assert [i for i, _ in result.rejected] == [1, 3]
+        assert redis_client.xlen(keys.events_for("m")) == 3
+
+
+class TestConsumer:
+    def test_raw_garbage_in_the_stream_is_dead_lettered_and_consumption_continues(self, bus, redis_client, keys):
+        """Invalid entries injected straight into the stream go to the dead-letter stream with the reason."""
+        bus.publish_raw("churn", "{broken")
+        bus.publish_raw("churn", json.dumps({"specversion": "1.0", "type": "drift.data"}))
+        redis_client.xadd(keys.events_for("churn"), {"other": "field"})
+        ok = new_event("drift.data", "churn", {"drift_score": 0.3})
+        bus.publish(ok)
+        c = make_consumer(redis_client, keys)
+        drain(c)
+        assert redis_client.hget(EFFECTS, ok.id) == b"1"
+        letters = bus.dead_letters()
+        reasons = sorted(d["reason"] for d in letters)
+        assert len(letters) == 3
+        assert any("malformed JSON" in r for r in reasons)
+        assert any("missing field 'id'" in r for r in reasons)
+        assert any("no 'e' field" in r for r in reasons)
+        assert {d["payload"] for d in letters} >= {"{broken"}
+        assert redis_client.xpending(keys.events_for("churn"), "g")["pending"] == 0
+
+    def test_duplicate_event_ids_have_one_effect(self, bus, redis_client, keys):
+        """The same event id published three times (in one batch and later) is applied once."""
+        e = new_event("volume.accumulated", "m", {"new_samples": 5})
+        bus.publish(e)
+        bus.publish(e)
+        c = make_consumer(redis_client, keys)
+        drain(c)
+        bus.publish(e)
+        drain(c)
+        assert redis_client.hget(EFFECTS, e.id) == b"1"
+        assert c.stats.duplicates == 2
+
+    def test_ack_only_after_the_effect_commits(self, bus, redis_client, keys):
+        """When the handler fails, nothing is acked and the entry stays pending for a retry."""
+        e = new_event("volume.accumulated", "m", {"new_samples": 5})
+        bus.publish(e)
+
+        def failing(events, pipe):
+            raise RuntimeError("disk full")
+
+        c = make_consumer(redis_client, keys, handler=failing)
+        drain(c)
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 1
+        assert not redis_client.hexists(EFFECTS, e.id)
+
+    def test_poison_event_is_dead_lettered_after_max_deliveries_and_others_proceed(self, bus, redis_client, keys):
+        """An event whose handling always fails is retried, then dead-lettered; its batch-mates are handled."""
+        poison = new_event("volume.accumulated", "m", {"new_samples": 13})
+        fine = new_event("volume.accumulated", "m", {"new_samples": 1})
+        bus.publish_many([poison, fine])
+
+        def handler(events, pipe):
+            if any(ev.id == poison.id for ev in events):
+                raise RuntimeError("cannot handle 13")
+            effect_handler(events, pipe)
+
+        c = make_consumer(redis_client, keys, handler=handler, max_deliveries=3, claim_idle_ms=1)
+        for _ in range(10):
+            c.poll(block_ms=10)
+            time.sleep(0.01)
+        assert redis_client.hget(EFFECTS, fine.id) == b"1"
+        letters = bus.dead_letters()
+        assert len(letters) == 1 and "delivered 4 times" in letters[0]["reason"]
+        assert parse_event(letters[0]["payload"]).id == poison.id
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
+
+    def test_dead_letter_can_be_republished_after_a_fix(self, bus, redis_client, keys):
+        """A dead-lettered payload, fixed by the operator, is validated, re-published and removed."""
+        bus.publish_raw("churn", json.dumps({**new_event("drift.data", "churn", {"drift_score": 0.2}).model_dump(mode="json"),
+                                             "data": {"drift_score": 7}}))
+        drain(make_consumer(redis_client, keys))
+        [letter] = bus.dead_letters()
+        fixed = json.loads(letter["payload"])
+        fixed["data"]["drift_score"] = 0.7
+        with pytest.raises(EventError):
+            bus.republish_dead_letter(letter["id"])  # unchanged payload is still invalid
+        bus.republish_dead_letter(letter["id"], json.dumps(fixed))
+        assert bus.dead_letters() == []
+        drain(make_consumer(redis_client, keys))
+        assert redis_client.hget(EFFECTS, fixed["id"]) == b"1"
+
+    def test_retention_trims_old_entries(self, bus, redis_client, keys):
+        """Entries older than the retention are trimmed with MINID; new ones stay."""
+        stream = keys.events_for("m")
+        old_id = f"{int((time.time() - 3600) * 1000)}-0"
+        redis_client.xadd(stream, {PAYLOAD_FIELD: "{}"}, id=old_id)
+        bus.publish(new_event("volume.accumulated", "m", {"new_samples": 1}))
+        bus.trim_older_than(60)
+        ids = [i.decode() for i, _ in redis_client.xrange(stream)]
+        assert old_id not in ids and len(ids) == 1
+
+    def test_every_key_carries_the_model_hash_tag(self):
+        """Per-model keys keep the model name as a Redis Cluster hash tag."""
+        k = Keys(prefix="p", shards=8)
+        for name in ("seen", "signals", "guard", "versions", "aliases", "rollout", "traffic", "requests", "history"):
+            assert "{churn}" in getattr(k, name)("churn")
+        assert k.events_for("churn") == k.events(k.shard_of("churn"))
+
+
+def _spawn(mode: str, name: str, ready: str, env_extra=None):
+    env = {**os.environ, "READY_FILE": ready, **(env_extra or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "bus_consumer_proc.py"), mode, name],
+                            env=env, cwd=ROOT, start_new_session=True)
+
+
+class TestCrashes:
+    @pytest.mark.parametrize("mode", ["hang", "crash-after-commit"])
+    def test_killed_consumer_entries_are_reclaimed_and_applied_exactly_once(self, mode, bus, redis_client, keys, tmp_path):
+        """A consumer SIGKILLed after reading (before or after committing, never acking) loses nothing and applies nothing twice."""
+        events = [new_event("volume.accumulated", f"m{i % 7}", {"new_samples": i}) for i in range(50)]
+        bus.publish_many(events)
+        ready = tmp_path / "ready"
+        victim = _spawn(mode, "victim", str(ready), {"BATCH": "1000"})
+        try:
+            wait_for(ready.exists, timeout=20, message="victim to read a batch")
+            if mode == "hang":
+                os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait(timeout=10)
+        finally:
+            if victim.poll() is None:
+                os.killpg(victim.pid, signal.SIGKILL)
+        pending = sum(redis_client.xpending(s, "g")["pending"] for s in keys.all_event_streams())
+        assert pending == 50  # read by the victim, never acked
+        survivor = _spawn("run", "survivor", str(tmp_path / "unused"), {"CLAIM_IDLE_MS": "300"})
+        try:
+            wait_for(lambda: sum(redis_client.xpending(s, "g")["pending"] for s in keys.all_event_streams()) == 0,
+                     timeout=20, message="survivor to reclaim and ack everything")
+        finally:
+            os.killpg(survivor.pid, signal.SIGTERM)
+            survivor.wait(timeout=10)
+        counts = {k.decode(): int(v) for k, v in redis_client.hgetall(EFFECTS).items()}
+        assert counts == {e.id: 1 for e in events}
+
+    def test_unacked_entries_survive_a_redis_restart(self, bus, redis_client, keys):
+        """With AOF on, a hard-killed Redis comes back with the stream, the group and its pending entries."""
+        from workers.redis_server import EmbeddedRedis
+
+        server = EmbeddedRedis(__import__("tempfile").mkdtemp(prefix="aof-")).start()
+        try:
+            import redis as _r
+
+            client = _r.Redis.from_url(server.url)
+            b = EventBus(client, keys)
+            events = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(5)]
+            b.publish_many(events)
+            c = StreamConsumer(client, keys, "g", "c1", lambda ev, p: (_ for _ in ()).throw(RuntimeError("x")),
+                               block_ms=10)
+            c.ensure_group()
+            c.poll(block_ms=10)
+            time.sleep(1.2)  # appendfsync everysec
+            server.stop(kill=True)
+            server.start()
+            client = _r.Redis.from_url(server.url)
+            assert client.xpending(keys.events_for("m"), "g")["pending"] == 5
+            got = []
+            c2 = StreamConsumer(client, keys, "g", "c1", lambda ev, p: got.extend(ev), block_ms=10)
+            c2.poll(block_ms=10)
+            assert [e.id for e in got] == [e.id for e in events]
+        finally:
+            server.stop()

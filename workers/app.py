@@ -1,0 +1,55 @@
+"""The Celery application shared by every role.
+
+``retrain worker --role decision|training|gate|rollout`` starts a worker that consumes the
+role's queues; the decision role also runs the event-stream consumer as a bootstep.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.signals import setup_logging, worker_process_init
+
+from config.celery_config import celery_config
+from config.settings import get_settings
+
+TASK_MODULES = ["workers.tasks"]
+
+app = Celery("retrain", include=TASK_MODULES)
+
+
+def _configure(application: Celery) -> None:
+    from workers.connections import NoRedisConfigured, redis_url
+
+    settings = get_settings()
+    try:
+        url = redis_url(settings)
+    except NoRedisConfigured:
+        url = "redis://127.0.0.1:6379/0"  # only for imports/introspection; workers need a real URL
+    application.conf.update(celery_config(settings, url))
+
+
+_configure(app)
+
+
+@setup_logging.connect
+def _logging(**_kwargs) -> None:
+    from config.logs import configure_logging
+
+    s = get_settings()
+    configure_logging(s.log_level, s.log_format)
+
+
+@worker_process_init.connect
+def _fresh_clients(**_kwargs) -> None:
+    # Forked pool children must not share the parent's sockets.
+    from workers.connections import reset_clients
+
+    reset_clients()
+
+
+if os.environ.get("RETRAIN_ROLE") == "decision" or os.environ.get("RETRAIN_EVENT_CONSUMER") == "1":
+    from workers.decision.bootstep import EventConsumerStep
+
+    app.steps["worker"].add(EventConsumerStep)
