@@ -30,16 +30,19 @@ class Keys:
     def all_event_streams(self) -> list[str]:
         return [self.events(i) for i in range(self.shards)]
 
+    def seen(self, shard: int) -> str:
+        """Sorted set of handled event ids of one shard (score = time), for de-duplication.
+
+        Kept per shard, beside the stream it guards, so one ZMSCORE/ZADD covers a whole batch.
+        """
+        return f"{self.prefix}:seen:{{s{shard}}}"
+
     def dead_letters(self) -> str:
         return f"{self.prefix}:deadletter:{{dlq}}"
 
     # --- per model -----------------------------------------------------------------------
     def _model(self, model: str, what: str) -> str:
         return f"{self.prefix}:model:{{{model}}}:{what}"
-
-    def seen(self, model: str) -> str:
-        """Sorted set of handled event ids (score = time) for de-duplication."""
-        return self._model(model, "seen")
 
     def signals(self, model: str) -> str:
         """Hash: latest value of every signal for the model."""

@@ -234,7 +234,7 @@ class StreamConsumer:
             stream = _s(stream)
             for entry_id, fields in items:
                 if fields:  # a deleted entry still pending shows with no fields
-                    out.append((stream, _s(entry_id), fields))
+                    out.append((stream, entry_id, fields))
                 else:
                     self.redis.xack(stream, self.group, entry_id)
         return out
@@ -284,92 +284,98 @@ class StreamConsumer:
         log.warning("bus.dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
 
     # --- handling ------------------------------------------------------------------------
-    def process(self, entries: Sequence[tuple[str, str, dict]]) -> None:
+    def process(self, entries: Sequence[tuple[str, Any, dict]]) -> None:
         self.stats.read += len(entries)
-        valid: list[tuple[str, str, CloudEvent]] = []
-        pipe = self.redis.pipeline(transaction=False)
-        bad = 0
+        valid: list[tuple[str, Any, CloudEvent]] = []
+        pipe = None
+        payload_key = PAYLOAD_FIELD.encode()
+        max_bytes = self.max_event_bytes
         for stream, entry_id, fields in entries:
-            raw = fields.get(PAYLOAD_FIELD.encode(), fields.get(PAYLOAD_FIELD))
+            raw = fields.get(payload_key)
             try:
                 if raw is None:
                     raise EventError(f"stream entry has no '{PAYLOAD_FIELD}' field")
-                valid.append((stream, entry_id, parse_event(raw, max_bytes=self.max_event_bytes)))
+                valid.append((stream, entry_id, parse_event(raw, max_bytes=max_bytes)))
             except EventError as exc:
-                self._dead_letter(stream, entry_id, _s(raw) if raw is not None else json.dumps(
-                    {_s(k): _s(v) for k, v in fields.items()}), str(exc), pipe=pipe)
-                bad += 1
-        if bad:
+                pipe = pipe or self.redis.pipeline(transaction=False)
+                shown = _s(raw) if raw is not None else json.dumps({_s(k): _s(v) for k, v in fields.items()})
+                self._dead_letter(stream, _s(entry_id), shown, str(exc), pipe=pipe)
+        if pipe is not None:
             pipe.execute()
         if not valid:
             return
         fresh, dupes = self._split_seen(valid)
-        if fresh:
-            try:
-                self._commit(fresh)
-            except redis.ConnectionError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the bus
-                self.stats.failed_batches += 1
-                log.exception("bus.batch_failed", error=str(exc), size=len(fresh))
-                fresh = self._commit_one_by_one(fresh)
+        try:
+            self._commit(fresh, dupes)
+        except redis.ConnectionError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the bus
+            self.stats.failed_batches += 1
+            log.exception("bus.batch_failed", error=str(exc), size=len(fresh))
+            self._commit_one_by_one(fresh, dupes)
         self.stats.duplicates += len(dupes)
-        acks: dict[str, list[str]] = {}
-        for stream, entry_id, _ in (*fresh, *dupes):
-            acks.setdefault(stream, []).append(entry_id)
-        pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in acks.items():
-            pipe.xack(stream, self.group, *ids)
-        pipe.execute()
 
     def _split_seen(self, valid):
-        by_model: dict[str, list[int]] = {}
+        """Split a batch into new events and ones whose id was already handled."""
+        by_shard: dict[int, list[int]] = {}
+        shard_of = self.keys.shard_of
         for i, (_, _, event) in enumerate(valid):
-            by_model.setdefault(event.subject, []).append(i)
+            by_shard.setdefault(shard_of(event.subject), []).append(i)
         pipe = self.redis.pipeline(transaction=False)
-        order = list(by_model.items())
-        for model, idx in order:
-            pipe.zmscore(self.keys.seen(model), [valid[i][2].id for i in idx])
+        order = list(by_shard.items())
+        for shard, idx in order:
+            pipe.zmscore(self.keys.seen(shard), [valid[i][2].id for i in idx])
         seen_flags = [False] * len(valid)
-        for (model, idx), scores in zip(order, pipe.execute()):
+        for (_, idx), scores in zip(order, pipe.execute()):
             for i, score in zip(idx, scores):
                 seen_flags[i] = score is not None
         fresh, dupes, batch_ids = [], [], set()
         for flag, item in zip(seen_flags, valid):
-            key = (item[2].subject, item[2].id)
-            if flag or key in batch_ids:
+            if flag or item[2].id in batch_ids:
                 dupes.append(item)
             else:
-                batch_ids.add(key)
+                batch_ids.add(item[2].id)
                 fresh.append(item)
         return fresh, dupes
 
-    def _commit(self, fresh) -> None:
+    def _commit(self, fresh, dupes=()) -> None:
+        """One MULTI/EXEC: the handler's effects, the seen marks, and the XACKs.
+
+        The entries are acknowledged in the same transaction that persists their effect, so
+        an ack can never precede the effect, and a crash leaves either both or neither.
+        """
         pipe = self.redis.pipeline(transaction=True)
         events = [e for _, _, e in fresh]
-        self.handler(events, pipe)
+        if events:
+            self.handler(events, pipe)
         now = time.time()
-        by_model: dict[str, dict[str, float]] = {}
+        by_shard: dict[int, dict[str, float]] = {}
+        shard_of = self.keys.shard_of
         for e in events:
-            by_model.setdefault(e.subject, {})[e.id] = now
+            by_shard.setdefault(shard_of(e.subject), {})[e.id] = now
         self._trim_counter += 1
         trim = self._trim_counter % 100 == 0
-        for model, mapping in by_model.items():
-            pipe.zadd(self.keys.seen(model), mapping)
+        for shard, mapping in by_shard.items():
+            pipe.zadd(self.keys.seen(shard), mapping)
             if trim:
-                pipe.zremrangebyscore(self.keys.seen(model), 0, now - self.dedup_retention_s)
+                pipe.zremrangebyscore(self.keys.seen(shard), 0, now - self.dedup_retention_s)
+        acks: dict[str, list] = {}
+        for stream, entry_id, _ in fresh:
+            acks.setdefault(stream, []).append(entry_id)
+        for stream, entry_id, _ in dupes:
+            acks.setdefault(stream, []).append(entry_id)
+        for stream, ids in acks.items():
+            pipe.xack(stream, self.group, *ids)
         pipe.execute()
         self.stats.handled += len(events)
 
-    def _commit_one_by_one(self, fresh):
+    def _commit_one_by_one(self, fresh, dupes) -> None:
         """After a failed batch, isolate the poison event(s); they stay pending for a retry."""
-        done = []
+        self._commit([], dupes)
         for item in fresh:
             try:
                 self._commit([item])
-                done.append(item)
             except redis.ConnectionError:
                 raise
             except Exception as exc:  # noqa: BLE001
                 log.warning("bus.event_failed", event_id=item[2].id, model=item[2].subject, error=str(exc))
-        return done

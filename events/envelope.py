@@ -7,7 +7,6 @@ one-line reason that goes to the caller, the HTTP response or the dead-letter st
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -104,25 +103,26 @@ def _reason(exc: ValidationError) -> str:
 
 def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = None) -> CloudEvent:
     """Validate an envelope and its typed data; raise :class:`EventError` with the reason."""
-    if isinstance(raw, (bytes, str)):
-        if max_bytes is not None and len(raw) > max_bytes:
-            raise EventError(f"event is {len(raw)} bytes, over the limit of {max_bytes}")
-        try:
-            raw = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise EventError(f"malformed JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise EventError(f"an event must be a JSON object, got {type(raw).__name__}")
     try:
-        event = CloudEvent.model_validate(raw)
+        if isinstance(raw, (bytes, str)):
+            if max_bytes is not None and len(raw) > max_bytes:
+                raise EventError(f"event is {len(raw)} bytes, over the limit of {max_bytes}")
+            event = CloudEvent.model_validate_json(raw)
+        elif isinstance(raw, dict):
+            event = CloudEvent.model_validate(raw)
+            if max_bytes is not None and len(event.to_json()) > max_bytes:
+                raise EventError(f"event is {len(event.to_json())} bytes, over the limit of {max_bytes}")
+        else:
+            raise EventError(f"an event must be a JSON object, got {type(raw).__name__}")
     except ValidationError as exc:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid":
+            raise EventError(f"malformed JSON: {first['ctx'].get('error', first['msg'])}") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise EventError("an event must be a JSON object") from None
         raise EventError(_reason(exc)) from None
     try:
         event.typed_data()
     except ValidationError as exc:
         raise EventError(f"{event.type} " + _reason(exc).replace("missing field '", "missing field 'data.")) from None
-    if max_bytes is not None:
-        size = len(event.to_json())
-        if size > max_bytes:
-            raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
     return event

@@ -31,8 +31,8 @@ def handler(events, pipe):
 
 
 class CrashAfterCommit(StreamConsumer):
-    def _commit(self, fresh):
-        super()._commit(fresh)
+    def _commit(self, fresh, dupes=()):
+        super()._commit(fresh, dupes)
         open(os.environ["READY_FILE"], "w").write("committed")
         os.kill(os.getpid(), signal.SIGKILL)
 

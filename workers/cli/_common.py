@@ -63,7 +63,7 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
     """Run the typer app; turn CliError and usage errors into one line on stderr."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="retrain", standalone_mode=False)
+        rv = command.main(args=args, prog_name="retrain", standalone_mode=False)
     except CliError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return exc.code
@@ -81,4 +81,5 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
-    return 0
+    # typer returns the code of an explicit ``typer.Exit(code)`` in non-standalone mode.
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0

@@ -1,0 +1,47 @@
+"""Shared helpers for the benchmarks: a private Redis server, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+
+@contextmanager
+def private_redis():
+    """A fresh embedded redis-server on a free port (never the machine's own Redis)."""
+    from workers.redis_server import EmbeddedRedis
+
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as d:
+        server = EmbeddedRedis(d).start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:>40}: {v}")
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,1 @@
+"""Monitors: pure statistics that turn data into drift / performance / volume signals."""

@@ -1,0 +1,138 @@
+"""``retrain emit`` and ``retrain dead-letters``: the event log from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from workers.cli._common import console, fail, print_json
+
+
+def _bus():
+    from config.settings import get_settings
+    from events.bus import EventBus
+    from workers.connections import NoRedisConfigured, get_redis
+
+    try:
+        client = get_redis()
+        client.ping()
+    except NoRedisConfigured as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - connection problems are one line
+        fail(f"cannot reach Redis: {exc}")
+    return EventBus.from_settings(client, get_settings())
+
+
+def _parse_data(pairs: list[str], data_json: str | None) -> dict:
+    data: dict = {}
+    if data_json:
+        try:
+            data = json.loads(data_json)
+        except ValueError as exc:
+            fail(f"--data is not valid JSON: {exc}")
+        if not isinstance(data, dict):
+            fail("--data must be a JSON object")
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            data[key] = json.loads(value)
+        except ValueError:
+            data[key] = value
+    return data
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("emit")
+    def emit(
+        file: Path = typer.Option(None, "--file", "-f", help="JSON Lines file, one CloudEvent per line."),
+        type: str = typer.Option(None, "--type", "-t", help="Event type for a single event (e.g. drift.data)."),
+        model: str = typer.Option(None, "--model", "-m", help="Model name (the event subject)."),
+        data: str = typer.Option(None, "--data", help="Event data as a JSON object."),
+        set_: list[str] = typer.Option([], "--set", help="KEY=VALUE data field (repeatable; VALUE parsed as JSON)."),
+        source: str = typer.Option("urn:retrain:cli", "--source"),
+        as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
+    ) -> None:
+        """Publish one event from flags, or many from a JSON Lines file; exit 0 only if none was rejected."""
+        from events.envelope import EventError, new_event
+
+        events: list = []
+        errors: list[dict] = []
+        if file is not None:
+            if type or model:
+                fail("use either --file or --type/--model, not both")
+            try:
+                lines = file.read_text().splitlines()
+            except FileNotFoundError:
+                fail(f"{file}: no such file")
+            except OSError as exc:
+                fail(f"{file}: cannot read ({exc.strerror})")
+            line_numbers = []
+            for n, line in enumerate(lines, start=1):
+                if line.strip():
+                    events.append(line)
+                    line_numbers.append(n)
+        else:
+            if not type or not model:
+                fail("give --file, or both --type and --model")
+            try:
+                events.append(new_event(type, model, _parse_data(set_, data), source=source))
+            except EventError as exc:
+                errors.append({"line": 0, "reason": str(exc)})
+            line_numbers = [0]
+        result = _bus().publish_many(events) if events else None
+        published = len(result.published) if result else 0
+        if result:
+            errors += [{"line": line_numbers[i], "reason": reason} for i, reason in result.rejected]
+        summary = {"published": published, "rejected": len(errors), "errors": errors}
+        if as_json:
+            print_json(summary)
+        else:
+            console.print(f"published {published}, rejected {len(errors)}")
+            for err in errors:
+                console.print(f"  line {err['line']}: {err['reason']}", style="red")
+        if errors:
+            raise typer.Exit(1)
+
+    @app.command("dead-letters")
+    def dead_letters(
+        republish: str = typer.Option(None, "--republish", help="Dead-letter entry id to publish again."),
+        fixed: Path = typer.Option(None, "--fixed", help="File with the corrected event JSON to publish instead."),
+        limit: int = typer.Option(50, "--limit", min=1),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """List dead-lettered events with their reasons, or re-publish one after a fix."""
+        from events.envelope import EventError
+
+        bus = _bus()
+        if republish:
+            payload = None
+            if fixed is not None:
+                try:
+                    payload = fixed.read_text()
+                except OSError as exc:
+                    fail(f"{fixed}: cannot read ({exc.strerror})")
+            try:
+                event_id = bus.republish_dead_letter(republish, payload)
+            except KeyError as exc:
+                fail(str(exc.args[0]))
+            except EventError as exc:
+                fail(f"still invalid, not re-published: {exc}")
+            out = {"republished": republish, "event_id": event_id}
+            print_json(out) if as_json else console.print(f"re-published {republish} as event {event_id}")
+            return
+        letters = bus.dead_letters(limit)
+        if as_json:
+            print_json({"dead_letters": letters})
+            return
+        from rich.table import Table
+
+        table = Table(title=f"dead letters ({len(letters)})")
+        for col in ("id", "reason", "payload"):
+            table.add_column(col, overflow="fold")
+        for d in letters:
+            table.add_row(d["id"], d.get("reason", ""), (d.get("payload") or "")[:120])
+        console.print(table)
