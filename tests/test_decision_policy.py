@@ -622,3 +622,17 @@ class TestCli:
         expected = {"bad_snapshot": "drift_score", "typo_policy": "drift_treshold",
                     "missing_snapshot": "nope.json", "missing_policy": "nope.toml"}[case]
         assert expected in lines[0]
+
+
+class TestWilsonInterval:
+    @pytest.mark.parametrize("correct, n", [(0, 10), (3, 10), (10, 10), (450, 500), (87, 1000), (9999, 10000)])
+    def test_closed_form_matches_scipy(self, correct, n):
+        """The closed-form Wilson interval equals scipy's binomtest Wilson interval."""
+        from scipy.stats import binomtest
+
+        from workers.decision.triggers import wilson_interval
+
+        ci = binomtest(correct, n).proportion_ci(0.95, method="wilson")
+        low, high = wilson_interval(correct, n, 0.95)
+        assert low == pytest.approx(ci.low, abs=1e-12)
+        assert high == pytest.approx(ci.high, abs=1e-12)

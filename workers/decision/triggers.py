@@ -35,6 +35,10 @@ Readings chosen where the seed is ambiguous or silent:
 
 from __future__ import annotations
 
+from functools import lru_cache
+
+import math
+
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -431,11 +435,32 @@ def data_drift(policy: Policy, signals: ModelSignals, now: datetime) -> TriggerR
     )
 
 
+@lru_cache(maxsize=8)
+def _z(level: float) -> float:
+    """Two-sided normal quantile for a confidence level (computed once per level)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + level / 2))
+
+
+def wilson_interval(correct: int, n: int, level: float = CONFIDENCE_LEVEL) -> tuple[float, float]:
+    """Wilson score interval of a proportion; equals ``scipy.stats.binomtest(...).proportion_ci(
+    method="wilson")`` (tested), in closed form because the decision worker runs it per model
+    per batch and scipy's object API costs ~0.7 ms a call.
+    """
+    z = _z(level)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 def accuracy_interval(signals: ModelSignals) -> tuple[float, float] | None:
     """Confidence interval of ``current_accuracy`` at :data:`CONFIDENCE_LEVEL`, if derivable.
 
     ``accuracy_ci`` as given; else ``current +- z * accuracy_stderr``; else, for accuracy
-    measured on ``n_labeled`` labels, the Wilson score interval (``scipy.stats.binomtest``).
+    measured on ``n_labeled`` labels, the Wilson score interval (:func:`wilson_interval`).
     """
     if signals.accuracy_ci is not None:
         return signals.accuracy_ci
@@ -443,17 +468,12 @@ def accuracy_interval(signals: ModelSignals) -> tuple[float, float] | None:
     if current is None:
         return None
     if signals.accuracy_stderr is not None:
-        from scipy.stats import norm
-
-        z = float(norm.ppf(0.5 + CONFIDENCE_LEVEL / 2))
+        z = _z(CONFIDENCE_LEVEL)
         return (current - z * signals.accuracy_stderr, current + z * signals.accuracy_stderr)
     metric = (signals.metric or "accuracy").lower()
     if signals.n_labeled and metric in CI_METRICS and 0.0 <= current <= 1.0:
-        from scipy.stats import binomtest
-
         correct = round(current * signals.n_labeled)
-        ci = binomtest(correct, signals.n_labeled).proportion_ci(CONFIDENCE_LEVEL, method="wilson")
-        return (float(ci.low), float(ci.high))
+        return wilson_interval(correct, signals.n_labeled)
     return None
 
 
