@@ -126,6 +126,10 @@ class Keys:
         """Pub/sub channel announcing traffic-table changes."""
         return f"{self.prefix}:traffic-changed"
 
+    def due(self) -> str:
+        """Sorted set: model -> time its next decision is due (debounce, follow-ups)."""
+        return f"{self.prefix}:decision-due"
+
     def decision_index(self) -> str:
         """Hash: decision id -> model name (so ``explain ID`` needs no model)."""
         return f"{self.prefix}:decision-index"

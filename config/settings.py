@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     """Embedded Redis data (AOF), artifacts and the demo's files."""
     policy_dir: Path = Path("config/policies")
     """One ``*.toml`` policy per model."""
+    default_policy: Path | None = None
+    """Policy used for models without their own file (its model name is replaced)."""
     artifact_root: str = ""
     """Where model artifacts go (a path or ``file://`` URI); empty = ``<state_dir>/artifacts``."""
     key_prefix: str = Field("retrain", pattern=r"^[A-Za-z0-9_\-]+$")

@@ -14,7 +14,7 @@ from celery.signals import setup_logging, worker_process_init
 from config.celery_config import celery_config
 from config.settings import get_settings
 
-TASK_MODULES = ["workers.tasks"]
+TASK_MODULES = ["workers.tasks", "workers.pipeline.tasks"]
 
 app = Celery("retrain", include=TASK_MODULES)
 

@@ -1,0 +1,251 @@
+"""The decision worker around the pure policy: state in Redis, guards, records, real Celery enqueue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from config.settings import Settings
+from events.bus import EventBus
+from events.envelope import new_event
+from tests.support import ROOT, wait_for
+from workers.decision.service import DecisionService
+
+POLICY = """
+[model]
+name = "{name}"
+task = "binary"
+target = "y"
+
+[triggers]
+drift_threshold = 0.15
+debounce_quiet = "{quiet}"
+debounce_max_wait = "{max_wait}"
+cooldown = "{cooldown}"
+max_trainings_per_day = {budget}
+"""
+
+
+def write_policy(folder, name="churn", quiet="0s", max_wait="5m", cooldown="6h", budget=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.toml").write_text(POLICY.format(name=name, quiet=quiet, max_wait=max_wait,
+                                                       cooldown=cooldown, budget=budget))
+    return folder
+
+
+def queued(client, queue: str) -> int:
+    return sum(client.llen(k) for k in client.keys(f"{queue}*") if client.type(k) == b"list")
+
+
+@pytest.fixture
+def make_service(redis_client, redis_server, tmp_path):
+    def _make(name="worker-1", **policy):
+        folder = write_policy(tmp_path / "policies", **policy)
+        s = Settings(redis_url=redis_server.url, policy_dir=folder, state_dir=tmp_path / "state")
+        svc = DecisionService(redis_client, s, name)
+        svc.consumer.ensure_group()
+        svc.consumer.block_ms = 10
+        return svc
+    return _make
+
+
+def step(svc, rounds=5):
+    for _ in range(rounds):
+        svc.consumer.poll(block_ms=10)
+        svc.after_batch()
+
+
+def drift(model="churn", score=0.2, **kw):
+    return new_event("drift.data", model, {"drift_score": score, "drifted_features": ["age"]}, **kw)
+
+
+def records(svc, model="churn"):
+    return svc.store.recent_records(model, 100)
+
+
+class TestDecisions:
+    def test_drift_over_threshold_starts_one_pipeline_with_a_record(self, make_service, redis_client):
+        """A drift signal over threshold writes a 'start' record with reasons and enqueues one pipeline on training.low."""
+        svc = make_service()
+        ev = drift(score=0.2)
+        svc.bus.publish(ev)
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and rec["urgency"] == "medium"
+        assert rec["event_ids"] == [ev.id]
+        fired = {t["name"]: t for t in rec["triggers"] if t["triggered"]}
+        assert set(fired) == {"data_drift"} and fired["data_drift"]["threshold"] == 0.15
+        assert queued(redis_client, "training.low") == 1 and queued(redis_client, "training.high") == 0
+        assert redis_client.hget(svc.keys.guard("churn"), "in_flight").decode() == rec["pipeline_id"]
+        history = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(svc.keys.history("churn"))]
+        step(svc)  # the decided event comes back through the stream into the model's history
+        history = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(svc.keys.history("churn"))]
+        assert history == ["drift.data", "retrain.decided"]
+
+    def test_high_urgency_goes_to_training_high(self, make_service, redis_client):
+        """Drift at or above 0.3 is high urgency and is enqueued on training.high."""
+        svc = make_service()
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        assert queued(redis_client, "training.high") == 1
+
+    def test_below_threshold_writes_no_record_and_clears_pending(self, make_service, redis_client):
+        """A signal that fires nothing leaves no decision record and no pending state."""
+        svc = make_service()
+        svc.bus.publish(drift(score=0.05))
+        step(svc)
+        assert records(svc) == []
+        assert redis_client.llen(svc.keys.pending_events("churn")) == 0
+        assert redis_client.zcard(svc.keys.due()) == 0
+
+    def test_debounce_collapses_a_burst_into_one_decision(self, make_service, redis_client):
+        """Twenty drift signals within the quiet period become one decision listing all twenty events."""
+        svc = make_service(quiet="1s", max_wait="30s")
+        events = [drift(score=0.16 + i / 1000) for i in range(20)]
+        for e in events:
+            svc.bus.publish(e)
+            step(svc, 1)
+        assert records(svc) == []
+        time.sleep(1.1)
+        step(svc, 2)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and sorted(rec["event_ids"]) == sorted(e.id for e in events)
+
+    def test_debounce_max_wait_decides_during_a_continuous_stream(self, make_service):
+        """Signals that never go quiet are still decided once the first is max_wait old."""
+        svc = make_service(quiet="10s", max_wait="1s")
+        svc.bus.publish(drift())
+        step(svc, 1)
+        deadline = time.time() + 1.5
+        while time.time() < deadline:
+            svc.bus.publish(drift())
+            step(svc, 1)
+            time.sleep(0.1)
+        assert [r["action"] for r in records(svc)] == ["start"]
+
+    def test_cooldown_suppresses_medium_and_high_overrides(self, make_service, redis_client):
+        """After a training, a medium trigger is suppressed by the cooldown; a high one passes."""
+        svc = make_service(cooldown="1h")
+        svc.bus.publish(drift(score=0.2))
+        step(svc)
+        first = records(svc)[0]
+        svc.store.release("churn", first["pipeline_id"])
+        svc.bus.publish(drift(score=0.25))
+        step(svc)
+        latest = records(svc)[0]
+        assert latest["action"] == "suppress" and latest["guard"] == "cooldown"
+        assert "cooldown" in latest["reason"]
+        svc.bus.publish(drift(score=0.4))
+        step(svc)
+        assert records(svc)[0]["action"] == "start" and records(svc)[0]["urgency"] == "high"
+
+    def test_budget_limits_trainings_per_day(self, make_service):
+        """With a budget of one training a day, a second high-urgency trigger is suppressed by the budget."""
+        svc = make_service(budget=1, cooldown="0s")
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        svc.store.release("churn", records(svc)[0]["pipeline_id"])
+        svc.bus.publish(drift(score=0.6))
+        step(svc)
+        latest = records(svc)[0]
+        assert latest["action"] == "suppress" and latest["guard"] == "budget"
+
+    def test_single_flight_coalesces_into_one_follow_up(self, make_service, redis_client):
+        """Triggers during a running pipeline become exactly one follow-up decision after it ends."""
+        svc = make_service(cooldown="0s")
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        running = records(svc)[0]["pipeline_id"]
+        for score in (0.5, 0.6, 0.7):
+            svc.bus.publish(drift(score=score))
+            step(svc)
+        assert len(records(svc)) == 1
+        assert redis_client.hget(svc.keys.guard("churn"), "follow_up") == b"1"
+        assert svc.store.release("churn", "p-someone-else") == 0
+        assert svc.store.release("churn", running) == 2
+        step(svc)
+        recs = records(svc)
+        assert len(recs) == 2 and recs[0]["action"] == "start" and len(recs[0]["event_ids"]) == 3
+        assert queued(redis_client, "training.high") == 2
+
+    def test_breaking_upstream_change_alerts_and_does_not_train(self, make_service, redis_client):
+        """A removed feature is breaking: the decision is suppressed with the reason and an alert is raised."""
+        svc = make_service()
+        svc.bus.publish(new_event("upstream.changed", "churn", {"removed": ["age"], "breaking": True}))
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "suppress" and "breaking upstream change" in rec["reason"]
+        assert queued(redis_client, "training.high") + queued(redis_client, "training.low") == 0
+        alerts = redis_client.lrange(svc.keys.alerts("churn"), 0, -1)
+        assert len(alerts) == 1 and json.loads(alerts[0])["data"]["severity"] == "critical"
+
+    def test_manual_request_is_critical_and_one_shot(self, make_service, redis_client):
+        """A manual request starts a critical pipeline at once and is consumed by that decision."""
+        svc = make_service(quiet="1h")
+        svc.bus.publish(new_event("retrain.requested", "churn", {"reason": "new labels", "requested_by": "ana"}))
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and rec["urgency"] == "critical"
+        assert not redis_client.hexists(svc.keys.signals("churn"), "retrain.requested")
+
+    def test_model_without_policy_is_suppressed_with_the_reason(self, make_service):
+        """Signals for a model with no policy produce a suppressed record saying so."""
+        svc = make_service()
+        svc.bus.publish(drift(model="unknown-model", score=0.9))
+        step(svc)
+        [rec] = records(svc, "unknown-model")
+        assert rec["action"] == "suppress" and "no policy" in rec["reason"]
+
+
+class TestExplain:
+    def test_explain_prints_the_record_as_json_and_exit_2_for_unknown(self, make_service, redis_server, tmp_path):
+        """`retrain explain ID --json` prints the stored record; an unknown id is one line and exit 2."""
+        svc = make_service()
+        svc.bus.publish(drift(score=0.2))
+        step(svc)
+        rec = records(svc)[0]
+        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", rec["id"], "--json"],
+                             capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        shown = json.loads(out.stdout)
+        assert shown["id"] == rec["id"] and shown["triggers"] == rec["triggers"]
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", "d-nope"],
+                             capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+class TestTwoWorkers:
+    @pytest.mark.slow
+    def test_two_decision_workers_never_start_two_pipelines_for_one_model(self, start_worker, redis_client,
+                                                                           settings, tmp_path):
+        """Two real decision worker processes consuming one stream start exactly one pipeline per model."""
+        folder = tmp_path / "policies"
+        for m in ("a", "b", "c"):
+            write_policy(folder, name=m, quiet="0s", cooldown="6h")
+        env = {"RETRAIN_POLICY_DIR": str(folder)}
+        start_worker("decision", env=env)
+        start_worker("decision", env=env)
+        bus = EventBus.from_settings(redis_client, settings)
+        for _ in range(40):
+            bus.publish_many([drift(model=m, score=0.5) for m in ("a", "b", "c")])
+            time.sleep(0.02)
+        from workers.decision.state import DecisionStore
+        from config.keys import keys_from_settings
+
+        store = DecisionStore(redis_client, keys_from_settings(settings))
+        wait_for(lambda: all(any(r["action"] == "start" for r in store.recent_records(m, 100)) for m in "abc"),
+                 timeout=30, message="a start decision for each model")
+        time.sleep(1.0)
+        for m in "abc":
+            starts = [r for r in store.recent_records(m, 100) if r["action"] == "start"]
+            assert len(starts) == 1, starts
+        assert queued(redis_client, "training.high") == 3
+        deciders = {r["decided_by"] for m in "abc" for r in store.recent_records(m, 100)}
+        assert deciders  # records name the worker that decided

@@ -1,0 +1,76 @@
+"""``retrain explain ID``: why a decision (or rollout step) was taken."""
+
+from __future__ import annotations
+
+import typer
+
+from workers.cli._common import console, fail, print_json
+
+
+def connect():
+    """A Redis client and the key schema, or one clear error line."""
+    from config.keys import keys_from_settings
+    from config.settings import get_settings
+    from workers.connections import NoRedisConfigured, get_redis
+
+    try:
+        client = get_redis()
+        client.ping()
+    except NoRedisConfigured as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001
+        fail(f"cannot reach Redis: {exc}")
+    return client, keys_from_settings(get_settings())
+
+
+def render_decision(record: dict) -> None:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    head = (f"[bold]{record['id']}[/]  model [bold]{record['model']}[/]  {record['time']}\n"
+            f"action [bold]{record['action']}[/]  urgency {record['urgency']}  queue {record.get('queue') or '-'}  "
+            f"pipeline {record.get('pipeline_id') or '-'}\n{record['reason']}")
+    console.print(Panel(head, title="decision"))
+    table = Table(title="triggers")
+    for col in ("trigger", "fired", "urgency", "value", "threshold", "reason"):
+        table.add_column(col, overflow="fold")
+    for t in record.get("triggers", []):
+        table.add_row(t["name"], "yes" if t.get("triggered") else "no", t.get("urgency", ""),
+                      str(t.get("value")), str(t.get("threshold")), t.get("reason", ""))
+    console.print(table)
+    if record.get("checks"):
+        guards = Table(title="guards")
+        for col in ("guard", "passed", "reason"):
+            guards.add_column(col)
+        for g in record["checks"]:
+            guards.add_row(g["guard"], "yes" if g["passed"] else "no", g["reason"])
+        console.print(guards)
+    for s in record.get("suppressed", []):
+        console.print(f"[yellow]suppressed[/] {s.get('trigger')}: {s.get('reason')}")
+    console.print(f"contributing events: {', '.join(record.get('event_ids', [])) or '-'}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("explain")
+    def explain(
+        record_id: str = typer.Argument(..., help="A decision id (d-...) or a pipeline id (p-...)."),
+        as_json: bool = typer.Option(False, "--json"),
+    ) -> None:
+        """Explain a decision: every trigger with value, threshold and reason, the guards, the events."""
+        from workers.decision.state import DecisionStore
+
+        client, keys = connect()
+        store = DecisionStore(client, keys)
+        record = store.get_record(record_id)
+        if record is None:
+            from workers.cli.explain_more import find_other
+
+            other = find_other(client, keys, record_id)
+            if other is None:
+                fail(f"no decision or pipeline with id {record_id!r}")
+            print_json(other) if as_json else console.print_json(data=other)
+            return
+        if as_json:
+            print_json(record)
+        else:
+            render_decision(record)

@@ -1,0 +1,1 @@
+"""The training pipeline: one Celery canvas per decision (validate -> train -> gate -> stage -> rollout)."""
