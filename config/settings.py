@@ -19,9 +19,7 @@ DEFAULT_TRUSTED_PREFIXES = (
     "sklearn.",
     "numpy.",
     "scipy.",
-    "builtins.",
     "collections.",
-    "functools.",
 )
 
 
@@ -62,6 +60,9 @@ class Settings(BaseSettings):
     """Broker visibility timeout; no task ETA may exceed it (rollouts advance on ticks)."""
     result_expires: Duration = timedelta(days=1)
     task_max_retries: int = Field(5, ge=0)
+    rollout_tick: Duration = timedelta(seconds=5)
+    """How often beat asks the rollout workers to look at every active rollout."""
+    housekeeping_interval: Duration = timedelta(minutes=10)
 
     # Security and integrations.
     ingest_token: SecretStr | None = None

@@ -1,0 +1,156 @@
+"""skops artifacts: saved with a sha256, verified before loading, restricted to trusted types."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skops.io as sio
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.linear_model import LogisticRegression
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gate_helpers import SlowModel, make_frame  # noqa: E402
+
+from workers.registry import artifacts  # noqa: E402
+from workers.registry.artifacts import (  # noqa: E402
+    ArtifactError,
+    ArtifactTampered,
+    UntrustedArtifact,
+    is_trusted,
+    load_artifact,
+    read_sidecar,
+    save_artifact,
+)
+from workers.training.fit import build_pipeline, split_features  # noqa: E402
+
+RETRAIN = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "retrain"
+CORE = ("sklearn.", "numpy.", "scipy.")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_frame("binary", 600, seed=0)
+
+
+@pytest.fixture(scope="module")
+def hgb_pipeline(data):
+    numeric, categorical = split_features(data, ["a", "b", "c"])
+    pipe = build_pipeline(HistGradientBoostingClassifier(max_iter=20, random_state=0), numeric, categorical)
+    return pipe.fit(data[["a", "b", "c"]], data["target"])
+
+
+class TestRoundTrip:
+    def test_pipeline_round_trips_with_default_prefixes(self, tmp_path, hgb_pipeline, data):
+        """A ColumnTransformer + HistGradientBoosting pipeline (TreePredictor inside) loads and predicts the same."""
+        ref = save_artifact(hgb_pipeline, tmp_path / "m.skops")
+        assert ref.uri.startswith("file://") and ref.size_bytes == (tmp_path / "m.skops").stat().st_size
+        model = load_artifact(ref.uri, ref.sha256, CORE)
+        np.testing.assert_array_equal(model.predict_proba(data), hgb_pipeline.predict_proba(data))
+
+    def test_sidecar_and_directory_destination(self, tmp_path, hgb_pipeline):
+        """Saving into a directory names the file by its content hash and writes a matching sha256 sidecar."""
+        for dest in (f"{tmp_path.as_uri()}/", tmp_path):
+            ref = save_artifact(hgb_pipeline, dest)
+            path = artifacts.uri_to_path(ref.uri)
+            assert path.parent == tmp_path and path.name == f"{ref.sha256[:16]}.skops"
+            assert read_sidecar(ref.uri) == ref.sha256 == artifacts.sha256_hex(path.read_bytes())
+
+    def test_unsupported_scheme_and_missing_file(self, tmp_path):
+        """Object-store URIs are refused for now; a missing file is an ArtifactError."""
+        with pytest.raises(ArtifactError, match="scheme"):
+            load_artifact("s3://bucket/m.skops", "0" * 64)
+        with pytest.raises(ArtifactError, match="no such"):
+            load_artifact(tmp_path / "none.skops", "0" * 64)
+
+
+class TestHashVerification:
+    def test_tampered_bytes_are_refused_before_deserializing(self, tmp_path, hgb_pipeline, monkeypatch):
+        """One flipped byte raises ArtifactTampered and skops never sees the data."""
+        ref = save_artifact(hgb_pipeline, tmp_path / "m.skops")
+        path = tmp_path / "m.skops"
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        calls = []
+        monkeypatch.setattr(artifacts.sio, "loads", lambda *a, **k: calls.append(1))
+        monkeypatch.setattr(artifacts.sio, "get_untrusted_types", lambda *a, **k: calls.append(1) or [])
+        with pytest.raises(ArtifactTampered) as info:
+            load_artifact(ref.uri, ref.sha256, CORE)
+        assert calls == [] and info.value.expected == ref.sha256 and info.value.actual != ref.sha256
+
+    def test_wrong_recorded_hash_is_refused(self, tmp_path, hgb_pipeline):
+        """A registry record whose sha256 differs from the file refuses the load."""
+        ref = save_artifact(hgb_pipeline, tmp_path / "m.skops")
+        with pytest.raises(ArtifactTampered):
+            load_artifact(ref.uri, "f" * 64, CORE)
+
+    def test_missing_hash_needs_explicit_opt_in(self, tmp_path, hgb_pipeline):
+        """Without a recorded hash the load is refused unless the caller opts in (offline tools)."""
+        ref = save_artifact(hgb_pipeline, tmp_path / "m.skops")
+        with pytest.raises(ArtifactError, match="unverified"):
+            load_artifact(ref.uri, None, CORE)
+        assert load_artifact(ref.uri, None, CORE, allow_unverified=True) is not None
+
+
+class TestTrustedTypes:
+    def test_type_outside_the_allowlist_is_refused(self, tmp_path, data):
+        """An artifact holding a class from an untrusted module raises UntrustedArtifact naming it."""
+        base = LogisticRegression().fit(data[["a", "b"]], data["target"])
+        ref = save_artifact(SlowModel(base, delay=0.0), tmp_path / "slow.skops")
+        with pytest.raises(UntrustedArtifact) as info:
+            load_artifact(ref.uri, ref.sha256, CORE)
+        assert "gate_helpers.SlowModel" in info.value.types
+        # The same file loads once its module is explicitly allowed.
+        model = load_artifact(ref.uri, ref.sha256, (*CORE, "gate_helpers."))
+        assert type(model).__name__ == "SlowModel"
+
+    def test_files_own_untrusted_list_is_not_trusted_wholesale(self, tmp_path, data):
+        """Types reported by the file itself stay refused: only allowlisted prefixes are trusted."""
+        base = LogisticRegression().fit(data[["a", "b"]], data["target"])
+        ref = save_artifact(SlowModel(base, delay=0.0), tmp_path / "slow.skops")
+        reported = sio.get_untrusted_types(file=artifacts.uri_to_path(ref.uri))
+        assert "gate_helpers.SlowModel" in reported
+        with pytest.raises(UntrustedArtifact):
+            load_artifact(ref.uri, ref.sha256, ("numpy.",))  # sklearn types are now untrusted too
+
+    @pytest.mark.parametrize(
+        "name,prefixes,ok",
+        [
+            ("sklearn.tree._classes.DecisionTreeClassifier", ("sklearn",), True),
+            ("sklearnx.Evil", ("sklearn.",), False),
+            ("builtins.eval", ("builtins.",), False),
+            ("os.system", ("os.",), False),
+            ("builtins.slice", ("builtins.",), True),
+        ],
+    )
+    def test_prefix_matching(self, name, prefixes, ok):
+        """Prefixes match at dot boundaries and never admit code-execution builtins or os."""
+        assert is_trusted(name, prefixes) is ok
+
+
+class TestCliArtifacts:
+    def test_tampered_and_untrusted_artifacts_exit_2(self, tmp_path, hgb_pipeline, data):
+        """`retrain gate` refuses a tampered artifact (sidecar mismatch) and an untrusted one with exit 2."""
+        good = save_artifact(hgb_pipeline, tmp_path / "A.skops")
+        tampered = tmp_path / "T.skops"
+        tampered.write_bytes(Path(artifacts.uri_to_path(good.uri)).read_bytes() + b"\0")
+        (tmp_path / "T.skops.sha256").write_text(f"{good.sha256}  T.skops\n")
+        base = LogisticRegression().fit(data[["a", "b"]], data["target"])
+        save_artifact(SlowModel(base, delay=0.0), tmp_path / "U.skops")
+        data.to_parquet(tmp_path / "D.parquet")
+        (tmp_path / "p.toml").write_text('[model]\nname = "m"\n')
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        for cand, expect in (("T.skops", "sha256 mismatch"), ("U.skops", "untrusted types")):
+            proc = subprocess.run(
+                [str(RETRAIN), "gate", "--policy", "p.toml", "--production", "A.skops", "--candidate", cand,
+                 "--data", "D.parquet", "--json"],
+                cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+            )
+            assert proc.returncode == 2, proc.stderr
+            assert proc.stderr.count("\n") == 1 and expect in proc.stderr

@@ -1,0 +1,1 @@
+"""Training: read the window, validate it, search hyperparameters and fit the candidate."""
