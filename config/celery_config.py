@@ -69,5 +69,17 @@ def celery_config(settings, broker_url: str) -> dict[str, Any]:
         "redbeat_redis_url": broker_url,
         "redbeat_key_prefix": f"{settings.key_prefix}:redbeat:",
         "redbeat_lock_timeout": 30,
-        "beat_max_loop_interval": 5,
+        "beat_max_loop_interval": 1,
+        "beat_schedule": {
+            "rollout-tick": {
+                "task": "retrain.rollout.tick_all",
+                "schedule": settings.rollout_tick.total_seconds(),
+                "options": {"queue": QUEUE_ROLLOUT, "expires": settings.rollout_tick.total_seconds() * 2},
+            },
+            "housekeeping": {
+                "task": "retrain.housekeeping",
+                "schedule": settings.housekeeping_interval.total_seconds(),
+                "options": {"queue": QUEUE_DECISION},
+            },
+        },
     }

@@ -126,6 +126,10 @@ class Keys:
         """Pub/sub channel announcing traffic-table changes."""
         return f"{self.prefix}:traffic-changed"
 
+    def active_rollouts(self) -> str:
+        """Set of models with a rollout that is not finished (what the rollout ticks visit)."""
+        return f"{self.prefix}:rollouts-active"
+
     def due(self) -> str:
         """Sorted set: model -> time its next decision is due (debounce, follow-ups)."""
         return f"{self.prefix}:decision-due"

@@ -375,7 +375,7 @@ class TestStateMachine:
             a = analyze(state, cfg, arm("1", 4000), arm("2", 10), None, now)
             state, actions = step(state, a, now, cfg)
         assert state.status == "aborted"
-        assert names(actions)[:3] == ["set_traffic", "rollback", "rollout.rolled_back"]
+        assert names(actions)[:3] == ["set_traffic", "rollback", "rollout.aborted"]
         assert actions[1].aborted and traffic_for(state, cfg).candidate is None
 
     def test_paused_rollout_still_rolls_back_but_does_not_advance(self):

@@ -14,7 +14,7 @@ from celery.signals import setup_logging, worker_process_init
 from config.celery_config import celery_config
 from config.settings import get_settings
 
-TASK_MODULES = ["workers.tasks", "workers.pipeline.tasks"]
+TASK_MODULES = ["workers.tasks", "workers.pipeline.tasks", "workers.rollout.tasks"]
 
 app = Celery("retrain", include=TASK_MODULES)
 

@@ -9,3 +9,15 @@ from workers.app import app
 def echo(value, label: str = ""):
     """Diagnostics: return the input (used by ``retrain worker --check`` and tests)."""
     return {"value": value, "label": label}
+
+
+@app.task(name="retrain.housekeeping", ignore_result=True)
+def housekeeping() -> dict:
+    """Trim the event streams by the configured retention (MINID), beside MAXLEN~ on every add."""
+    from config.settings import get_settings
+    from events.bus import EventBus
+    from workers.connections import get_redis
+
+    s = get_settings()
+    trimmed = EventBus.from_settings(get_redis(s), s).trim_older_than(s.stream_retention.total_seconds())
+    return {"trimmed": trimmed}

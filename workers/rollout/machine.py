@@ -39,6 +39,8 @@ EVENT_ADVANCED = "rollout.advanced"
 EVENT_PAUSED = "rollout.paused"
 EVENT_COMPLETED = "rollout.completed"
 EVENT_ROLLED_BACK = "rollout.rolled_back"
+EVENT_ABORTED = "rollout.aborted"
+EVENT_RESUMED = "rollout.resumed"
 EVENT_ALERT = "alert.raised"
 
 HISTORY_LIMIT = 500
@@ -440,7 +442,7 @@ def _rolled_back(
     if analysis is not None:
         data.update(metrics=dict(analysis.metrics), thresholds=dict(analysis.thresholds),
                     sample_sizes=dict(analysis.sample_sizes))
-    actions: list[Action] = [_set_traffic(state, cfg), back, Emit(EVENT_ROLLED_BACK, data)]
+    actions: list[Action] = [_set_traffic(state, cfg), back, Emit(EVENT_ABORTED if aborted else EVENT_ROLLED_BACK, data)]
     if not aborted or not manual:
         severity = "warning" if aborted else "critical"
         actions.append(_alert(state, severity, f"{state.model} v{state.candidate} {state.status}: {reason}"))
@@ -624,4 +626,4 @@ def resume(
     new.paused, new.paused_from, new.waiting_since = False, None, None
     new.reason = f"resumed by {who}" + (f": {why}" if why else "")
     _mark(new, now, "resume", who, why)
-    return new, [Emit(EVENT_STARTED, _event_data(new, resumed=True, who=who, why=why, manual=True))]
+    return new, [Emit(EVENT_RESUMED, _event_data(new, resumed=True, who=who, why=why, manual=True))]

@@ -1,0 +1,348 @@
+"""The rollout control plane: the pure state machine persisted in Redis and its actions applied.
+
+Each model's rollout lives in one hash (``keys.rollout(model)``): the state JSON, its revision,
+the pipeline that started it, and an *outbox* of actions not yet applied. A transition is
+saved with a compare-and-set on the revision (two rollout workers, or a worker and an operator,
+can never both advance the same revision), together with its actions; the actions are then
+applied (traffic table, registry, events, alerts, single-flight release) and the outbox is
+cleared. A worker killed in between leaves the outbox, and the next tick applies it again:
+every action is idempotent (traffic writes are absolute, events have deterministic ids,
+registry moves check the current alias).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+
+from config.keys import Keys
+from config.policy import RolloutSection
+from events.bus import EventBus
+from events.envelope import new_event
+from workers.alerts import notify_webhook, record_alert
+from workers.registry.store import Registry
+from workers.rollout import machine
+from workers.rollout.analysis import shadow_pairs, summarize
+from workers.rollout.machine import Emit, Promote, Rollback, RolloutState, SetTraffic
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "urn:retrain:rollout"
+TICK_LOCK_MS = 20_000
+
+_SAVE = """
+-- KEYS[1] rollout hash, KEYS[2] active set ; ARGV: expected revision, new revision, state, outbox, model, active(1/0), pipeline id
+local cur = redis.call('HGET', KEYS[1], 'revision')
+if (cur or '0') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'revision', ARGV[2], 'state', ARGV[3], 'outbox', ARGV[4])
+if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'pipeline_id', ARGV[7]) end
+if ARGV[6] == '1' then redis.call('SADD', KEYS[2], ARGV[5]) else redis.call('SREM', KEYS[2], ARGV[5]) end
+return 1
+"""
+
+_CLEAR_OUTBOX = """
+if redis.call('HGET', KEYS[1], 'revision') == ARGV[1] then redis.call('HSET', KEYS[1], 'outbox', '[]') return 1 end
+return 0
+"""
+
+REGISTRY_STATUS = {"shadow": "shadow", "canary": "canary", "progressive": "canary", "paused": None}
+
+
+class RolloutConflict(RuntimeError):
+    """Another worker or operator changed the rollout first; nothing was applied."""
+
+
+class RolloutControl:
+    def __init__(self, client, keys: Keys, *, policies=None, webhook_url: str | None = None):
+        from workers.policies import policy_store
+
+        self.redis = client
+        self.keys = keys
+        self.registry = Registry(client, keys)
+        self.bus = EventBus(client, keys)
+        self.policies = policies or policy_store()
+        self.webhook_url = webhook_url
+        self._save = client.register_script(_SAVE)
+        self._clear = client.register_script(_CLEAR_OUTBOX)
+
+    @classmethod
+    def from_settings(cls, settings=None) -> "RolloutControl":
+        from config.keys import keys_from_settings
+        from config.settings import get_settings
+        from workers.alerts import webhook_url_from_settings
+        from workers.connections import get_redis
+        from workers.policies import policy_store
+
+        s = settings or get_settings()
+        return cls(get_redis(s), keys_from_settings(s), policies=policy_store(s),
+                   webhook_url=webhook_url_from_settings(s))
+
+    def cfg(self, model: str) -> RolloutSection:
+        policy = self.policies.get(model)
+        return policy.rollout if policy is not None else RolloutSection()
+
+    # --- persistence ---------------------------------------------------------------------
+    def load(self, model: str) -> tuple[RolloutState | None, dict[str, Any]]:
+        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.keys.rollout(model)).items()}
+        if "state" not in raw:
+            return None, raw
+        return RolloutState.from_dict(json.loads(raw["state"])), raw
+
+    def _commit(self, model: str, expected: int, state: RolloutState, actions: list, pipeline_id: str = "") -> None:
+        ok = self._save(keys=[self.keys.rollout(model), self.keys.active_rollouts()], args=[
+            str(expected), str(state.revision), json.dumps(state.to_dict(), default=str),
+            json.dumps([a.to_dict() for a in actions], default=str), model, "1" if state.active else "0",
+            pipeline_id,
+        ])
+        if not ok:
+            raise RolloutConflict(f"rollout of {model} changed concurrently (expected revision {expected})")
+        self._apply(model, state, actions)
+
+    def _apply(self, model: str, state: RolloutState, actions: list) -> None:
+        for i, action in enumerate(actions):
+            self._apply_one(model, state, action, i)
+        self._clear(keys=[self.keys.rollout(model)], args=[str(state.revision)])
+        if not state.active:
+            pid = self.redis.hget(self.keys.rollout(model), "pipeline_id")
+            if pid:
+                from workers.decision.state import DecisionStore
+
+                DecisionStore(self.redis, self.keys).release(model, pid.decode())
+
+    def replay_outbox(self, model: str) -> int:
+        """Apply actions a crashed worker saved but may not have applied (idempotent)."""
+        state, raw = self.load(model)
+        outbox = json.loads(raw.get("outbox") or "[]")
+        if state is None or not outbox:
+            return 0
+        self._apply(model, state, [machine.action_from_dict(a) for a in outbox])
+        return len(outbox)
+
+    # --- applying actions ----------------------------------------------------------------
+    def _apply_one(self, model: str, state: RolloutState, action, index: int) -> None:
+        if isinstance(action, SetTraffic):
+            self._set_traffic(model, action, state)
+            status = REGISTRY_STATUS.get(state.status)
+            if status and action.candidate:
+                self._status(model, int(action.candidate), status, "rollout", state.reason)
+        elif isinstance(action, Promote):
+            self._promote(model, int(action.version), state)
+        elif isinstance(action, Rollback):
+            self._rollback(model, action, state)
+        elif isinstance(action, Emit):
+            self._emit(model, action, state, index)
+
+    def _set_traffic(self, model: str, action: SetTraffic, state: RolloutState) -> None:
+        from workers.router.traffic import TrafficTable, write_traffic
+
+        table = TrafficTable(
+            production=action.production or state.production,
+            previous=state.previous or "",
+            candidate=action.candidate or "",
+            candidate_percent=float(action.candidate_percent) if action.candidate else 0.0,
+            shadow=(action.candidate or "") if action.shadow else "",
+        )
+        write_traffic(self.redis, self.keys, model, table)
+
+    def _status(self, model: str, version: int, status: str, who: str, why: str) -> None:
+        try:
+            if self.registry.get(model, version).status != status:
+                self.registry.set_status(model, version, status, who=who, why=why)
+        except LookupError:
+            log.warning("rollout.unknown_version", model=model, version=version)
+
+    def _promote(self, model: str, version: int, state: RolloutState) -> None:
+        current = self.registry.alias(model, "production")
+        if current == version:
+            return
+        who = _last_who(state)
+        why = state.reason
+        pipe = self.redis.pipeline(transaction=True)
+        if current is not None:
+            self.registry.set_alias(model, "previous", current, who=who, why=f"replaced by v{version}", pipe=pipe)
+        self.registry.set_alias(model, "production", version, who=who, why=why, pipe=pipe)
+        self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
+        pipe.execute()
+        self._status(model, version, "production", who, why)
+        if current is not None:
+            self._status(model, current, "previous", who, f"replaced by v{version}")
+        log.info("rollout.promoted", model=model, version=version, previous=current)
+
+    def _rollback(self, model: str, action: Rollback, state: RolloutState) -> None:
+        from workers.router.traffic import TrafficTable, write_traffic
+
+        to_version = action.to_version or state.production
+        write_traffic(self.redis, self.keys, model, TrafficTable(production=to_version, previous=state.previous or "",
+                                                                 candidate="", candidate_percent=0.0, shadow=""))
+        who = _last_who(state)
+        if self.registry.alias(model, "production") == int(action.version):
+            # Rolled back after completion: production returns to the version before it.
+            pipe = self.redis.pipeline(transaction=True)
+            self.registry.set_alias(model, "production", int(to_version), who=who, why=action.reason, pipe=pipe)
+            pipe.execute()
+            self._status(model, int(to_version), "production", who, action.reason)
+        self.registry.set_alias(model, "candidate", None, who=who, why=action.reason)
+        self._status(model, int(action.version), "archived" if action.aborted else "rolled_back", who, action.reason)
+        log.warning("rollout.rolled_back", model=model, version=action.version, to_version=to_version,
+                    reason=action.reason, manual=action.manual)
+
+    def _emit(self, model: str, action: Emit, state: RolloutState, index: int) -> None:
+        data = dict(action.data)
+        if action.type == "alert.raised":
+            data.setdefault("title", data.pop("summary", None) or f"rollout of {model}")
+        else:
+            data.setdefault("version", int(state.candidate))
+        event = new_event(action.type, model, data, source=SOURCE, id=f"{model}:rollout:{state.candidate}:{state.revision}:{index}")
+        self.bus.publish(event)
+        if action.type == "alert.raised":
+            pipe = self.redis.pipeline(transaction=True)
+            record_alert(pipe, self.keys, event)
+            pipe.execute()
+            notify_webhook(event, self.webhook_url)
+
+    # --- operations ----------------------------------------------------------------------
+    def begin(self, model: str, candidate: int, *, pipeline_id: str = "", who: str = "system",
+              why: str = "") -> RolloutState:
+        """Start a rollout of ``candidate`` (idempotent: the same candidate's rollout is returned)."""
+        state, raw = self.load(model)
+        if state is not None and state.candidate == str(candidate):
+            self.replay_outbox(model)
+            return state
+        if state is not None and state.active:
+            raise RolloutConflict(f"a rollout of {model} v{state.candidate} is still {state.status}")
+        production = self.registry.alias(model, "production")
+        if production is None:
+            raise RolloutConflict(f"{model} has no production version to roll out against")
+        previous = self.registry.alias(model, "previous")
+        expected = int(raw.get("revision", 0))
+        new, actions = machine.start(model, str(candidate), str(production), self.cfg(model), _now(),
+                                     previous=None if previous is None else str(previous), who=who, why=why)
+        new.revision = expected + 1
+        self.registry.set_alias(model, "candidate", candidate, who=who, why=why or "rollout started")
+        self._commit(model, expected, new, actions, pipeline_id)
+        return new
+
+    def tick(self, model: str, now: datetime | None = None) -> RolloutState | None:
+        """Look at the live evidence for the model's current phase and take one step."""
+        state, raw = self.load(model)
+        if state is None:
+            return None
+        if json.loads(raw.get("outbox") or "[]"):
+            self.replay_outbox(model)
+        if not state.active:
+            self.redis.srem(self.keys.active_rollouts(), model)
+            return state
+        now = now or _now()
+        cfg = self.cfg(model)
+        policy = self.policies.get(model)
+        task = policy.model.task if policy else "binary"
+        records = self.phase_records(model, state)
+        arms = summarize(records, task)
+        prod = arms.get(state.production) or _empty(state.production, task)
+        cand = arms.get(state.candidate) or _empty(state.candidate, task)
+        pairs = shadow_pairs(records, state.production, state.candidate, task)
+        analysis = machine.analyze(state, cfg, prod, cand, pairs, now)
+        new, actions = machine.step(state, analysis, now, cfg)
+        if new.revision == state.revision:
+            return state
+        self._commit(model, state.revision, new, actions)
+        return new
+
+    def manual(self, model: str, op: str, who: str, why: str = "") -> RolloutState:
+        """promote | rollback | abort | pause | resume, recorded with who and why."""
+        state, raw = self.load(model)
+        if state is None:
+            raise machine.TransitionError(f"{model} has no rollout")
+        fn = {"promote": machine.promote, "rollback": machine.rollback, "abort": machine.abort,
+              "pause": machine.pause, "resume": machine.resume}[op]
+        new, actions = fn(state, who, why, _now())
+        self._commit(model, state.revision, new, actions)
+        return new
+
+    def tick_all(self) -> dict[str, str]:
+        """Tick every active rollout this worker can lock (several rollout workers may run)."""
+        out = {}
+        for raw in self.redis.smembers(self.keys.active_rollouts()):
+            model = raw.decode()
+            lock = self.keys.lock(model, "rollout-tick")
+            if not self.redis.set(lock, "1", nx=True, px=TICK_LOCK_MS):
+                continue
+            try:
+                state = self.tick(model)
+                out[model] = state.status if state else "none"
+            except RolloutConflict:
+                out[model] = "conflict"
+            except Exception:  # noqa: BLE001 - one model's trouble must not stop the others
+                log.exception("rollout.tick_failed", model=model)
+                out[model] = "error"
+            finally:
+                self.redis.delete(lock)
+        return out
+
+    # --- evidence ------------------------------------------------------------------------
+    def phase_records(self, model: str, state: RolloutState) -> list[dict[str, Any]]:
+        """The router's request records since the phase started, with delayed labels joined."""
+        start_ms = int(state.phase_started_at.timestamp() * 1000)
+        rollout_ms = int(state.started_at.timestamp() * 1000)
+        labels = {}
+        for _, f in self.redis.xrange(self.keys.feedback(model), min=f"{rollout_ms}-0"):
+            labels[f[b"request_id"].decode()] = _parse_label(f.get(b"label"))
+        records = []
+        for _, f in self.redis.xrange(self.keys.requests(model), min=f"{start_ms}-0"):
+            rec = {k.decode(): v.decode() for k, v in f.items()}
+            request_id = rec.get("request_id")
+            shadow = rec.get("shadow") == "1"
+            records.append({
+                "request_id": None if shadow else request_id,
+                "shadow_of": request_id if shadow else None,
+                "version": rec.get("version", ""),
+                "latency_ms": _float(rec.get("latency_ms")),
+                "error": rec.get("error") not in (None, "", "0", "False", "false", "None"),
+                "prediction": _parse_label(rec.get("prediction")),
+                "score": _float(rec.get("score")),
+                "label": labels.get(request_id),
+            })
+        return records
+
+
+def _parse_label(raw) -> Any:
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    if text in ("", "None", "null"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _float(raw) -> float | None:
+    try:
+        return None if raw in (None, "", "None") else float(raw)
+    except ValueError:
+        return None
+
+
+def _empty(version: str, task: str):
+    from workers.rollout.analysis import ArmStats
+
+    return ArmStats(version=version, task=task)
+
+
+def _now() -> datetime:
+    return datetime.fromtimestamp(time.time(), timezone.utc)
+
+
+def _last_who(state: RolloutState) -> str:
+    for entry in reversed(state.history):
+        if entry.get("who"):
+            return entry["who"]
+    return "system"
