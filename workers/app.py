@@ -49,7 +49,7 @@ def _fresh_clients(**_kwargs) -> None:
     reset_clients()
 
 
-if os.environ.get("RETRAIN_ROLE") == "decision" or os.environ.get("RETRAIN_EVENT_CONSUMER") == "1":
+if os.environ.get("RETRAIN_ROLE") in ("decision", "all") or os.environ.get("RETRAIN_EVENT_CONSUMER") == "1":
     from workers.decision.bootstep import EventConsumerStep
 
     app.steps["worker"].add(EventConsumerStep)

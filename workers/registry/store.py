@@ -30,9 +30,9 @@ if ARGV[1] ~= '' then
   if existing then return tonumber(existing) end
 end
 local v = redis.call('INCR', KEYS[2])
-local rec = cjson.decode(ARGV[2])
-rec['version'] = v
-redis.call('HSET', KEYS[1], tostring(v), cjson.encode(rec))
+-- Fill the number in textually: a cjson round trip would turn empty lists into objects.
+local rec = string.gsub(ARGV[2], '"version": 0,', '"version": ' .. v .. ',', 1)
+redis.call('HSET', KEYS[1], tostring(v), rec)
 if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'pipeline:' .. ARGV[1], v) end
 redis.call('SADD', KEYS[3], ARGV[3])
 return v
@@ -73,6 +73,8 @@ class ModelVersion:
     gate: dict[str, Any] | None = None
     feature_version: str | None = None
     schema_fingerprint: str | None = None
+    source_schema: dict[str, str] = field(default_factory=dict)
+    """Columns and dtypes of the data source at training time (for upstream-change checks)."""
     notes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,8 +111,8 @@ class Registry:
     # --- versions ---------------------------------------------------------------------
     def register(self, record: ModelVersion) -> ModelVersion:
         """Store a new version (its number assigned here); same pipeline id -> same version."""
-        data = record.to_dict()
-        data["version"] = 0
+        data = {"model": record.model, "version": 0, **{k: v for k, v in record.to_dict().items()
+                                                       if k not in ("model", "version")}}
         version = int(self._register(
             keys=[self.keys.versions(record.model), self.keys.version_counter(record.model), self.keys.models()],
             args=[record.pipeline_id or "", json.dumps(data), record.model],

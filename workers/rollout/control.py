@@ -161,15 +161,15 @@ class RolloutControl:
             return
         who = _last_who(state)
         why = state.reason
+        self._status(model, version, "production", who, why)
+        if current is not None:
+            self._status(model, current, "previous", who, f"replaced by v{version}")
         pipe = self.redis.pipeline(transaction=True)
         if current is not None:
             self.registry.set_alias(model, "previous", current, who=who, why=f"replaced by v{version}", pipe=pipe)
         self.registry.set_alias(model, "production", version, who=who, why=why, pipe=pipe)
         self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
         pipe.execute()
-        self._status(model, version, "production", who, why)
-        if current is not None:
-            self._status(model, current, "previous", who, f"replaced by v{version}")
         log.info("rollout.promoted", model=model, version=version, previous=current)
 
     def _rollback(self, model: str, action: Rollback, state: RolloutState) -> None:

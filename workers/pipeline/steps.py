@@ -1,0 +1,312 @@
+"""What each pipeline step does: load state, call the pure training/gate code, persist outputs.
+
+Each step takes the JSON context and returns it extended; its output is stored under
+``keys.step_done(model, pipeline, step)`` so a re-delivered message (worker killed mid-step,
+broker redelivery) returns the stored output instead of redoing the work. Files go under the
+artifact root (``<root>/<model>/pipelines/<pipeline id>/``) with deterministic names, so a
+step re-run after a crash overwrites its own partial files. The registry registers by
+pipeline id, so exactly one version comes out of one pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import structlog
+
+from config.keys import Keys, keys_from_settings
+from config.settings import get_settings
+from events.bus import EventBus
+from events.envelope import new_event
+
+log = structlog.get_logger(__name__)
+
+SOURCE = "urn:retrain:pipeline"
+STEP_OUTPUT_TTL_S = 14 * 86400
+
+
+class PipelineStepFailed(Exception):
+    """A step found a problem retrying cannot fix (bad data, failed gate); the message says what."""
+
+
+class ValidationFailed(PipelineStepFailed):
+    pass
+
+
+class GateFailed(PipelineStepFailed):
+    pass
+
+
+class _Env:
+    def __init__(self):
+        from workers.connections import get_redis
+        from workers.policies import policy_store
+        from workers.registry.store import Registry
+
+        self.settings = get_settings()
+        self.redis = get_redis(self.settings)
+        self.keys: Keys = keys_from_settings(self.settings)
+        self.bus = EventBus.from_settings(self.redis, self.settings)
+        self.registry = Registry(self.redis, self.keys)
+        self.policies = policy_store(self.settings)
+
+    def policy(self, model: str):
+        policy = self.policies.get(model)
+        if policy is None:
+            raise PipelineStepFailed(f"no policy for model {model!r} in {self.settings.policy_dir}")
+        return policy
+
+    def workdir(self, ctx: dict[str, Any]) -> Path:
+        d = Path(self.settings.artifact_dir) / ctx["model"] / "pipelines" / ctx["pipeline_id"]
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def emit(self, ctx: dict[str, Any], etype: str, **data: Any) -> None:
+        base = {"pipeline_id": ctx["pipeline_id"], "decision_id": ctx.get("decision_id")}
+        if etype.startswith("gate."):
+            base = {"pipeline_id": ctx["pipeline_id"]}
+        if etype == "model.staged":
+            base = {"pipeline_id": ctx["pipeline_id"]}
+        event = new_event(etype, ctx["model"], {**base, **data}, source=SOURCE, id=f"{ctx['pipeline_id']}:{etype}")
+        self.bus.publish(event)
+
+    def mark(self, ctx: dict[str, Any], **fields: Any) -> None:
+        self.redis.hset(self.keys.pipeline(ctx["model"], ctx["pipeline_id"]),
+                        mapping={k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()})
+
+    def production(self, model: str):
+        version = self.registry.alias(model, "production")
+        return self.registry.get(model, version) if version is not None else None
+
+
+def run_step(step: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    env = _Env()
+    done_key = env.keys.step_done(ctx["model"], ctx["pipeline_id"], step)
+    stored = env.redis.get(done_key)
+    if stored is not None:
+        log.info("pipeline.step_already_done", step=step)
+        return json.loads(stored)
+    started = time.perf_counter()
+    env.mark(ctx, status=f"running:{step}", **{f"{step}_started": f"{time.time():.3f}"})
+    out = STEPS[step](env, ctx)
+    seconds = time.perf_counter() - started
+    out.setdefault("timings", {})[step] = round(seconds, 4)
+    env.redis.set(done_key, json.dumps(out, default=str), ex=STEP_OUTPUT_TTL_S)
+    env.mark(ctx, status=f"done:{step}", **{f"{step}_seconds": f"{seconds:.4f}"})
+    _observe(step, seconds)
+    log.info("pipeline.step_done", step=step, seconds=round(seconds, 3))
+    return out
+
+
+def _observe(step: str, seconds: float) -> None:
+    try:
+        from workers.metrics import PIPELINE_STEP_SECONDS
+
+        PIPELINE_STEP_SECONDS.labels(step=step).observe(seconds)
+    except ImportError:  # metrics module optional in offline use
+        pass
+
+
+# --- the steps -------------------------------------------------------------------------------
+def validate_data(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    from workers.training.data import DataError, load_window, time_holdout
+    from workers.training.validate import validate_for_policy
+
+    model = ctx["model"]
+    policy = env.policy(model)
+    env.emit(ctx, "training.started", step="validate_data")
+    if not policy.data.source:
+        raise PipelineStepFailed(f"policy of {model} has no [data] source")
+    since = ctx.get("drift_onset") if policy.data.window_from_drift_onset else None
+    try:
+        window = load_window(policy.data.source, policy.data.time_column, policy.data.window, since=since)
+    except DataError as exc:
+        raise ValidationFailed(f"cannot read training data: {exc}") from None
+    production = env.production(model)
+    schema = production.training_schema if production and production.training_schema else None
+    result = validate_for_policy(window.frame, policy, schema)
+    env.mark(ctx, validation=result.to_dict(), data_window=window.to_dict())
+    if not result.passed:
+        raise ValidationFailed(result.summary())
+    split = time_holdout(window.frame, policy.data.time_column, policy.data.holdout_fraction)
+    work = env.workdir(ctx)
+    split.train.to_parquet(work / "train.parquet", index=False)
+    split.test.to_parquet(work / "holdout.parquet", index=False)
+    from events.producers.upstream import schema_fingerprint, schema_of_frame
+
+    source_schema = schema_of_frame(window.frame)
+    return {**ctx, "train_uri": str(work / "train.parquet"), "holdout_uri": str(work / "holdout.parquet"),
+            "source_schema": source_schema, "schema_fingerprint": schema_fingerprint(source_schema),
+            "data_window": window.to_dict(), "holdout_cutoff": split.cutoff.isoformat() if split.cutoff else None,
+            "validation": result.to_dict(), "n_train": len(split.train), "n_holdout": len(split.test)}
+
+
+def train(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    from events.monitors.drift import build_profile
+    from workers.registry.artifacts import save_artifact, sha256_hex
+    from workers.training.fit import train_candidate
+
+    model = ctx["model"]
+    policy = env.policy(model)
+    frame = pd.read_parquet(ctx["train_uri"])
+    production = env.production(model)
+    fit = train_candidate(frame, policy, production_hyperparams=production.params if production else None)
+    work = env.workdir(ctx)
+    ref = save_artifact(fit.pipeline, work / "candidate.skops")
+    exclude = [policy.model.target, policy.data.time_column]
+    profile = build_profile(frame, categorical=policy.data.categorical, exclude=exclude)
+    profile_path = work / "reference_profile.json"
+    profile.save(profile_path)
+    summary = fit.to_dict()
+    env.emit(ctx, "training.succeeded", step="train")
+    return {**ctx, "artifact_uri": ref.uri, "sha256": ref.sha256, "size_bytes": ref.size_bytes,
+            "fit": {k: summary[k] for k in ("best_params", "cv_score", "scoring", "estimator", "search",
+                                            "seeded_with", "n_train", "fit_seconds")},
+            "training_schema": summary["schema"],
+            "reference_profile_uri": str(profile_path),
+            "reference_profile_sha256": sha256_hex(profile_path.read_bytes())}
+
+
+def gate(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    from workers.gate.checks import run_gate
+    from workers.registry.artifacts import load_artifact
+
+    model = ctx["model"]
+    policy = env.policy(model)
+    candidate = load_artifact(ctx["artifact_uri"], ctx["sha256"], env.settings.trusted_prefixes)
+    production_record = env.production(model)
+    production = None
+    if production_record is not None:
+        production = env.registry.load(model, production_record.version, env.settings.trusted_prefixes)
+    holdout = pd.read_parquet(ctx["holdout_uri"])
+    report = run_gate(candidate, production, holdout, policy, validation=ctx.get("validation"),
+                      candidate_size_bytes=ctx.get("size_bytes"))
+    result = report.to_dict()
+    env.mark(ctx, gate=result)
+    if not report.passed and not ctx.get("force"):
+        version = _register(env, ctx, status="rejected", gate=result)
+        env.emit(ctx, "gate.failed", version=version.version, passed=False, failed_checks=report.failed)
+        raise GateFailed(f"gate failed for v{version.version}: " + ", ".join(
+            f"{c['name']} ({c.get('detail') or c.get('value')})" for c in result["checks"]
+            if not c["passed"] and not c.get("skipped")))
+    env.emit(ctx, "gate.passed", passed=True, failed_checks=report.failed)
+    return {**ctx, "gate": result}
+
+
+def stage(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    version = _register(env, ctx, status="staged", gate=ctx.get("gate"))
+    if version.status == "rejected" and ctx.get("force"):
+        version = env.registry.set_status(ctx["model"], version.version, "staged", who="operator",
+                                          why="forced past the gate")
+    env.registry.set_alias(ctx["model"], "candidate", version.version, who="pipeline",
+                           why=f"staged by {ctx['pipeline_id']}")
+    env.emit(ctx, "model.staged", version=version.version, artifact_uri=version.artifact_uri)
+    return {**ctx, "version": version.version}
+
+
+def start_rollout(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    from workers.rollout.control import RolloutControl
+
+    model, version = ctx["model"], int(ctx["version"])
+    control = RolloutControl(env.redis, env.keys, policies=env.policies)
+    if env.registry.alias(model, "production") is None:
+        promote_first(env, model, version, why=f"first model of {model} (pipeline {ctx['pipeline_id']})")
+        _release(env, ctx)
+        return {**ctx, "rollout": "first model: promoted directly"}
+    state = control.begin(model, version, pipeline_id=ctx["pipeline_id"], who="pipeline",
+                          why=f"decision {ctx.get('decision_id')}")
+    env.mark(ctx, status="rollout", rollout_status=state.status)
+    return {**ctx, "rollout": state.status}
+
+
+STEPS = {"validate_data": validate_data, "train": train, "gate": gate, "stage": stage,
+         "start_rollout": start_rollout}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _register(env: _Env, ctx: dict[str, Any], *, status: str, gate: dict | None):
+    from workers.registry.store import ModelVersion
+
+    existing = env.registry.find_by_pipeline(ctx["model"], ctx["pipeline_id"])
+    if existing is not None:
+        return existing
+    policy = env.policy(ctx["model"])
+    production = env.production(ctx["model"])
+    decision = _decision(env, ctx)
+    fit = ctx.get("fit", {})
+    return env.registry.register(ModelVersion(
+        model=ctx["model"], version=0, status=status,
+        artifact_uri=ctx["artifact_uri"], sha256=ctx["sha256"], size_bytes=ctx.get("size_bytes", 0),
+        metrics=_metrics(gate), params=fit.get("best_params", {}), estimator=fit.get("estimator", ""),
+        task=policy.model.task, data_window=ctx.get("data_window", {}),
+        data_fingerprint=(ctx.get("data_window") or {}).get("fingerprint", ""),
+        training_schema=ctx.get("training_schema") or {},
+        reference_profile_uri=ctx.get("reference_profile_uri", ""),
+        reference_profile_sha256=ctx.get("reference_profile_sha256", ""),
+        decision_id=ctx.get("decision_id"), trigger_event_ids=ctx.get("event_ids", []),
+        triggers=ctx.get("triggers", []), pipeline_id=ctx["pipeline_id"],
+        parent_version=production.version if production else None, gate=gate,
+        feature_version=(decision or {}).get("feature_version"),
+        schema_fingerprint=ctx.get("schema_fingerprint"), source_schema=ctx.get("source_schema") or {},
+    ))
+
+
+def _metrics(gate: dict | None) -> dict[str, Any]:
+    out = {}
+    for c in (gate or {}).get("checks", []):
+        if c["name"] == "minimum_performance" and c.get("value") is not None:
+            out[c.get("metric") or "primary"] = c["value"]
+            out["primary"] = c["value"]
+    return out
+
+
+def _decision(env: _Env, ctx: dict[str, Any]) -> dict | None:
+    from workers.decision.state import DecisionStore
+
+    if not ctx.get("decision_id"):
+        return None
+    return DecisionStore(env.redis, env.keys).get_record(ctx["decision_id"])
+
+
+def promote_first(env: _Env, model: str, version: int, why: str) -> None:
+    """The first model of a name has nothing to roll out against: it becomes production."""
+    from workers.router.traffic import TrafficTable, write_traffic
+
+    env.registry.set_status(model, version, "production", who="pipeline", why=why)
+    pipe = env.redis.pipeline(transaction=True)
+    env.registry.set_alias(model, "production", version, who="pipeline", why=why, pipe=pipe)
+    env.registry.set_alias(model, "candidate", None, who="pipeline", why=why, pipe=pipe)
+    pipe.execute()
+    write_traffic(env.redis, env.keys, model, TrafficTable(production=str(version), previous="", candidate="",
+                                                          candidate_percent=0.0, shadow=""))
+    env.bus.publish(new_event("rollout.completed", model, {"version": version, "traffic": 100, "reason": why},
+                              source=SOURCE, id=f"{model}:first:{version}"))
+
+
+def _release(env: _Env, ctx: dict[str, Any]) -> None:
+    from workers.decision.state import DecisionStore
+
+    DecisionStore(env.redis, env.keys).release(ctx["model"], ctx["pipeline_id"])
+
+
+def handle_failure(ctx: dict[str, Any], step: str, exc: BaseException) -> None:
+    """link_error: record, emit training.failed / gate.failed, alert, free the single-flight slot."""
+    from workers.alerts import raise_alert, webhook_url_from_settings
+
+    env = _Env()
+    reason = str(exc) or type(exc).__name__
+    env.mark(ctx, status=f"failed:{step}", failed_step=step, error=reason,
+             failed_at=datetime.now(timezone.utc).isoformat())
+    if step != "gate":
+        env.emit(ctx, "training.failed", step=step, error=reason[:2000])
+    title = "quality gate blocked a candidate" if step == "gate" else f"training pipeline failed at {step}"
+    raise_alert(env.redis, env.keys, env.bus, ctx["model"], "warning" if step == "gate" else "critical",
+                title, reason[:2000], webhook_url=webhook_url_from_settings(env.settings),
+                pipeline_id=ctx["pipeline_id"])
+    _release(env, ctx)
+    log.warning("pipeline.failed", model=ctx["model"], step=step, error=reason)
