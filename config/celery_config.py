@@ -67,6 +67,7 @@ def celery_config(settings, broker_url: str) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "redbeat_redis_url": broker_url,
+        "redbeat_redis_options": {"retry_period": 60},
         "redbeat_key_prefix": f"{settings.key_prefix}:redbeat:",
         "redbeat_lock_timeout": 30,
         "beat_max_loop_interval": 1,

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import setup_logging, worker_process_init
+from celery.signals import beat_init, setup_logging, worker_process_init
 
 from config.celery_config import celery_config
 from config.settings import get_settings
 
-TASK_MODULES = ["workers.tasks", "workers.pipeline.tasks", "workers.rollout.tasks"]
+TASK_MODULES = ["workers.tasks", "workers.pipeline.tasks", "workers.rollout.tasks", "events.producers.schedule"]
 
 app = Celery("retrain", include=TASK_MODULES)
 
@@ -47,6 +47,19 @@ def _fresh_clients(**_kwargs) -> None:
     from workers.connections import reset_clients
 
     reset_clients()
+
+
+@beat_init.connect
+def _sync_schedules(sender=None, **_kwargs) -> None:
+    """At beat start, write one redbeat entry per model schedule in the policies."""
+    from events.producers.schedule import sync_from_policy_dir
+
+    try:
+        sync_from_policy_dir(app, get_settings())
+    except Exception:  # noqa: BLE001 - a bad policy file must not stop the rollout ticks
+        import structlog
+
+        structlog.get_logger(__name__).exception("beat.schedule_sync_failed")
 
 
 if os.environ.get("RETRAIN_ROLE") in ("decision", "all") or os.environ.get("RETRAIN_EVENT_CONSUMER") == "1":

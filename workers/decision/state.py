@@ -114,16 +114,20 @@ class StoredState:
                 kwargs["drift_history"] = tuple(self.drift_history)
         if "performance.measured" in s:
             d = s["performance.measured"]["data"]
-            kwargs["current_accuracy"] = float(d["value"])
+            # For an error metric (RMSE, MAE: lower is better) the policy's "drop" is a rise:
+            # negate, so baseline - current is still "how much worse" in the metric's units.
+            sign = -1.0 if d.get("higher_is_better") is False else 1.0
+            kwargs["current_accuracy"] = sign * float(d["value"])
             baseline = d.get("baseline")
             if baseline is None:
                 baseline = (prod.get("metrics") or {}).get(d["metric"])
             if baseline is not None:
-                kwargs["baseline_accuracy"] = float(baseline)
+                kwargs["baseline_accuracy"] = sign * float(baseline)
             kwargs["n_labeled"] = int(d["n_labeled"])
             kwargs["metric"] = d["metric"]
             if d.get("ci_low") is not None and d.get("ci_high") is not None:
-                kwargs["accuracy_ci"] = (float(d["ci_low"]), float(d["ci_high"]))
+                ci = sorted((sign * float(d["ci_low"]), sign * float(d["ci_high"])))
+                kwargs["accuracy_ci"] = (ci[0], ci[1])
         if "volume.accumulated" in s:
             kwargs["new_samples_since_training"] = int(s["volume.accumulated"]["data"]["new_samples"])
         if "drift.concept" in s:
