@@ -37,6 +37,12 @@ _load_commands()
 
 
 def main() -> None:
+    import os
+
+    from config.logs import configure_logging
     from workers.cli._common import run_app
+
+    # Commands talk on stdout; library logs go to stderr, quiet unless asked for.
+    configure_logging(os.environ.get("RETRAIN_CLI_LOG_LEVEL", "WARNING"), os.environ.get("RETRAIN_LOG_FORMAT", "auto"))
 
     sys.exit(run_app(app))

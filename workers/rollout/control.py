@@ -286,49 +286,20 @@ class RolloutControl:
     # --- evidence ------------------------------------------------------------------------
     def phase_records(self, model: str, state: RolloutState) -> list[dict[str, Any]]:
         """The router's request records since the phase started, with delayed labels joined."""
+        from workers.router.router import decode_feedback, decode_request
+
         start_ms = int(state.phase_started_at.timestamp() * 1000)
         rollout_ms = int(state.started_at.timestamp() * 1000)
         labels = {}
-        for _, f in self.redis.xrange(self.keys.feedback(model), min=f"{rollout_ms}-0"):
-            labels[f[b"request_id"].decode()] = _parse_label(f.get(b"label"))
+        for _, fields in self.redis.xrange(self.keys.feedback(model), min=f"{rollout_ms}-0"):
+            fb = decode_feedback(fields)
+            labels[fb["request_id"]] = fb["label"]
         records = []
-        for _, f in self.redis.xrange(self.keys.requests(model), min=f"{start_ms}-0"):
-            rec = {k.decode(): v.decode() for k, v in f.items()}
-            request_id = rec.get("request_id")
-            shadow = rec.get("shadow") == "1"
-            records.append({
-                "request_id": None if shadow else request_id,
-                "shadow_of": request_id if shadow else None,
-                "version": rec.get("version", ""),
-                "latency_ms": _float(rec.get("latency_ms")),
-                "error": rec.get("error") not in (None, "", "0", "False", "false", "None"),
-                "prediction": _parse_label(rec.get("prediction")),
-                "score": _float(rec.get("score")),
-                "label": labels.get(request_id),
-            })
+        for _, fields in self.redis.xrange(self.keys.requests(model), min=f"{start_ms}-0"):
+            rec = decode_request(fields)
+            primary = rec["shadow_of"] or rec["request_id"]
+            records.append({**rec, "error": bool(rec["error"]), "label": labels.get(primary)})
         return records
-
-
-def _parse_label(raw) -> Any:
-    if raw is None:
-        return None
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    if text in ("", "None", "null"):
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return text
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-def _float(raw) -> float | None:
-    try:
-        return None if raw in (None, "", "None") else float(raw)
-    except ValueError:
-        return None
 
 
 def _empty(version: str, task: str):

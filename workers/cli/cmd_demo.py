@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from workers.cli._common import console, err_console, print_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("demo")
+    def demo(
+        as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+        state_dir: Path = typer.Option(None, "--state-dir", help="Where the demo keeps its files (default .retrain/demo)."),
+        live: bool = typer.Option(None, "--live/--no-live", help="Live terminal view (default: on a terminal)."),
+    ) -> None:
+        """Run the whole loop locally: embedded Redis, real workers, a router with traffic, three scenarios."""
+        from config.settings import get_settings
+        from workers.demo.run import Demo
+
+        folder = state_dir or Path(get_settings().state_dir) / "demo"
+        show_live = (not as_json and sys.stdout.isatty()) if live is None else live
+        say = (lambda text: err_console.print(text)) if as_json else (lambda text: console.print(text))
+        runner = Demo(folder, live=show_live, say=say)
+        try:
+            result = runner.run()
+        except KeyboardInterrupt:
+            runner.finish()
+            raise
+        if as_json:
+            print_json(result)
+        else:
+            from rich.table import Table
+
+            table = Table(title=f"retrain demo: {'all scenarios as expected' if result['ok'] else 'NOT all as expected'}"
+                                f" ({result['seconds']}s)")
+            for col in ("scenario", "expected", "outcome", "ok"):
+                table.add_column(col, overflow="fold")
+            for s in result["scenarios"]:
+                table.add_row(s["name"], s["expected"], s["outcome"], "[green]yes[/]" if s["ok"] else "[red]no[/]")
+            console.print(table)
+            if result.get("error"):
+                console.print(f"[red]error[/]: {result['error']}")
+            if result.get("timeline"):
+                console.print(f"timeline picture: {result['timeline']}")
+            console.print(f"logs and data: {result['state_dir']}")
+        if not result["ok"]:
+            raise typer.Exit(1)
