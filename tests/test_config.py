@@ -1,0 +1,126 @@
+"""Settings, the policy schema and the Celery configuration."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from config.celery_config import ROLE_QUEUES, celery_config
+from config.durations import format_duration, parse_duration
+from config.policy import PolicyError, load_policy, policy_from_dict
+from config.settings import Settings
+from tests.support import ROOT
+
+EXAMPLE = ROOT / "config" / "policies" / "example-churn.toml"
+
+
+class TestDurations:
+    @pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("2h", 7200), ("7d", 604800),
+                                               ("1h30m", 5400), ("0.5s", 0.5), (" 2 h ", 7200), (45, 45)])
+    def test_parse(self, text, seconds):
+        """Operator-style durations parse to the right number of seconds."""
+        assert parse_duration(text).total_seconds() == seconds
+
+    @pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1h 2q", -3, True, None])
+    def test_bad_durations_are_refused(self, bad):
+        """Anything that is not a number followed by a unit is an error, never a silent default."""
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+    def test_round_trip(self):
+        """format_duration is the inverse of parse_duration for whole seconds."""
+        assert format_duration(timedelta(seconds=5400)) == "1h30m"
+        assert parse_duration(format_duration(timedelta(days=2, seconds=61))) == timedelta(days=2, seconds=61)
+
+
+class TestPolicy:
+    def test_example_policy_is_valid_and_keeps_the_seed_defaults(self):
+        """The shipped example validates; the seed's trigger and gate defaults are the defaults."""
+        p = load_policy(EXAMPLE)
+        assert p.name == "churn"
+        bare = policy_from_dict({"model": {"name": "m"}})
+        t, g = bare.triggers, bare.gate
+        assert (t.max_model_age_days, t.drift_threshold, t.performance_drop_threshold, t.new_data_threshold) == \
+            (30, 0.15, 0.03, 50000)
+        assert (g.min_accuracy, g.max_regression, g.min_prediction_correlation, g.max_latency_p99_ms,
+                g.max_model_size_mb) == (0.85, 0.02, 0.8, 50, 500)
+        assert [ph.traffic for ph in bare.rollout.phases] == [0, 5, 25, 50, 100]
+
+    @pytest.mark.parametrize("toml, message", [
+        ('[model]\nname="m"\n[triggers]\ndrift_treshold = 0.2\n', "unknown key 'triggers.drift_treshold'"),
+        ('[model]\nname="m"\n[triggers]\ncooldown = "6 hours"\n', "triggers.cooldown: bad duration"),
+        ('[model]\nname="m"\n[gate]\nmin_accuracy = -0.1\n', "gate.min_accuracy: Input should be greater than or equal to 0"),
+        ('[model]\nname="m"\n[rollout]\n[[rollout.phases]]\nname="a"\ntraffic=50\n[[rollout.phases]]\nname="b"\ntraffic=5\n',
+         "must not decrease traffic"),
+        ('[data]\nsource="x"\n', "missing key 'model'"),
+        ('[model\nname="m"', "not valid TOML"),
+    ])
+    def test_bad_policy_gives_one_clear_error(self, tmp_path, toml, message):
+        """A typo'd key, a bad duration, a negative threshold, ... each give one line naming the problem."""
+        path = tmp_path / "p.toml"
+        path.write_text(toml)
+        with pytest.raises(PolicyError) as err:
+            load_policy(path)
+        text = str(err.value)
+        assert message in text and "\n" not in text and str(path) in text
+
+    def test_bad_policy_on_the_cli_is_exit_2_with_one_line(self, tmp_path):
+        """The CLI answers a bad policy with exit status 2 and one line on stderr, no traceback."""
+        path = tmp_path / "p.toml"
+        path.write_text('[model]\nname="m"\n[triggers]\ndrift_treshold = 0.2\n')
+        snap = tmp_path / "s.json"
+        snap.write_text('{"last_training_date": "2026-01-01T00:00:00Z", "now": "2026-01-02T00:00:00Z"}')
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "decide", "--policy", str(path), "--snapshot",
+                              str(snap), "--json"], capture_output=True, text=True, cwd=ROOT)
+        assert out.returncode == 2
+        assert out.stderr.strip().count("\n") == 0 and "drift_treshold" in out.stderr
+        assert "Traceback" not in out.stderr
+
+
+class TestCelery:
+    def test_json_only_and_reliable_delivery(self):
+        """The broker speaks JSON only; tasks ack late, are re-queued on worker loss, prefetch 1."""
+        conf = celery_config(Settings(), "redis://127.0.0.1:1/0")
+        assert conf["accept_content"] == ["json"] and conf["task_serializer"] == "json"
+        assert conf["result_accept_content"] == ["json"]
+        assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
+        assert conf["worker_prefetch_multiplier"] == 1
+        assert conf["broker_connection_retry_on_startup"] is True
+        assert conf["broker_transport_options"]["visibility_timeout"] == \
+            conf["result_backend_transport_options"]["visibility_timeout"] == 7200
+        assert {q.name for q in conf["task_queues"]} >= {"training.high", "training.low", "gate", "rollout"}
+        tick = conf["beat_schedule"]["rollout-tick"]["schedule"]
+        assert tick < conf["broker_transport_options"]["visibility_timeout"]
+
+    def test_roles_cover_the_pipeline_queues(self):
+        """Every role has its queues; training consumes high before low."""
+        assert ROLE_QUEUES["training"] == ("training.high", "training.low")
+        assert set(ROLE_QUEUES["all"]) == {"decision", "training.high", "training.low", "gate", "rollout"}
+
+
+class TestSettings:
+    def test_env_prefix_and_secrets_are_hidden(self, monkeypatch):
+        """RETRAIN_* variables configure the settings; secrets never show in a repr."""
+        monkeypatch.setenv("RETRAIN_REDIS_URL", "rediss://:s3cret@redis.example:6380/0")
+        monkeypatch.setenv("RETRAIN_INGEST_TOKEN", "tok-123")
+        monkeypatch.setenv("RETRAIN_STREAM_SHARDS", "8")
+        s = Settings()
+        assert s.stream_shards == 8
+        assert s.redis_url.get_secret_value().startswith("rediss://")
+        assert "s3cret" not in repr(s) and "tok-123" not in repr(s)
+
+    def test_secrets_are_redacted_from_logs(self, capsys):
+        """A log line carrying a token or password field shows *** instead."""
+        from config.logs import configure_logging
+
+        configure_logging("INFO", "json", force=True)
+        import structlog
+
+        structlog.get_logger("t").info("connect", password="hunter2", api_token="abc", model="m")
+        err = capsys.readouterr().err
+        assert "hunter2" not in err and "abc" not in err and '"model": "m"' in err
