@@ -249,6 +249,9 @@ def create_app(
             return _problem(400, "event(s) refused by the bus", accepted=result.published,
                             rejected=[{"index": i, "reason": r} for i, r in result.rejected])
         log.debug("ingest.accepted", count=len(result.published))
+        from workers.metrics import observe_ingest
+
+        observe_ingest("http", accepted=len(result.published))
         return result.published
 
     def media_type(request: Request) -> str:

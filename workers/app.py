@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import beat_init, setup_logging, worker_process_init
+from celery.signals import beat_init, setup_logging, worker_init, worker_process_init
 
 from config.celery_config import celery_config
 from config.settings import get_settings
@@ -39,6 +39,15 @@ def _logging(**_kwargs) -> None:
 
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
+
+
+@worker_init.connect
+def _metrics_server(**_kwargs) -> None:
+    """Expose Prometheus metrics when RETRAIN_METRICS_PORT is set (prefork children aggregate
+    through PROMETHEUS_MULTIPROC_DIR, which ``retrain worker`` sets up)."""
+    from workers.metrics import start_metrics_server_from_env
+
+    start_metrics_server_from_env()
 
 
 @worker_process_init.connect

@@ -27,9 +27,18 @@ def worker_command(role: str, concurrency: int | None = None, pool: str | None =
     return cmd
 
 
-def worker_env(role: str, base: dict[str, str] | None = None) -> dict[str, str]:
+def worker_env(role: str, base: dict[str, str] | None = None, pool: str | None = None) -> dict[str, str]:
     env = dict(base if base is not None else os.environ)
     env["RETRAIN_ROLE"] = role
+    if env.get("RETRAIN_METRICS_PORT") and (pool or DEFAULT_POOL[role]) == "prefork":
+        # Counts made in pool children reach the metrics server through this folder.
+        import shutil
+        from pathlib import Path
+
+        folder = Path(env.get("RETRAIN_STATE_DIR", ".retrain")) / "metrics" / f"{role}-{os.getpid()}"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(folder.resolve())
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env.setdefault(var, "1")  # BLAS threads spin on small machines
     return env
@@ -54,4 +63,4 @@ def register(app: typer.Typer) -> None:
         except NoRedisConfigured as exc:
             fail(str(exc))
         cmd = worker_command(role, concurrency, pool, loglevel, name)
-        os.execve(cmd[0], cmd, worker_env(role))
+        os.execve(cmd[0], cmd, worker_env(role, pool=pool))

@@ -31,6 +31,9 @@ class EventConsumerStep(bootsteps.StartStopStep):
 
         name = f"{worker.hostname or socket.gethostname()}"
         self.service = DecisionService.from_settings(consumer_name=name)
+        from workers.metrics import track_consumer
+
+        track_consumer(self.service.consumer)
         self.thread = threading.Thread(target=self._run, name="event-consumer", daemon=True)
         self.thread.start()
         log.info("decision.consumer_started", consumer=name)

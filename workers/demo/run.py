@@ -427,13 +427,11 @@ class Demo:
         return timeline
 
     def _timeline(self) -> str | None:
-        try:
-            from workers.timeline import render_timeline
-        except ImportError:
-            return None
+        from workers.timeline import timeline_for_model
+
         out = self.state_dir / "timeline.png"
         try:
-            render_timeline(self.redis, self.keys, MODEL, out)
+            timeline_for_model(self.redis, self.keys, MODEL, out)
             return str(out)
         except Exception as exc:  # noqa: BLE001 - the picture is a bonus, not a verdict
             log.warning("demo.timeline_failed", error=str(exc))

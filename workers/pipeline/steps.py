@@ -190,11 +190,12 @@ def gate(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
     env.mark(ctx, gate=result)
     if not report.passed and not ctx.get("force"):
         version = _register(env, ctx, status="rejected", gate=result)
-        env.emit(ctx, "gate.failed", version=version.version, passed=False, failed_checks=report.failed)
+        env.emit(ctx, "gate.failed", version=version.version, passed=False, failed_checks=report.failed,
+                 checks=_check_summary(result))
         raise GateFailed(f"gate failed for v{version.version}: " + ", ".join(
             f"{c['name']} ({c.get('detail') or c.get('value')})" for c in result["checks"]
             if not c["passed"] and not c.get("skipped")))
-    env.emit(ctx, "gate.passed", passed=True, failed_checks=report.failed)
+    env.emit(ctx, "gate.passed", passed=True, failed_checks=report.failed, checks=_check_summary(result))
     return {**ctx, "gate": result}
 
 
@@ -226,6 +227,10 @@ def start_rollout(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
 
 STEPS = {"validate_data": validate_data, "train": train, "gate": gate, "stage": stage,
          "start_rollout": start_rollout}
+
+
+def _check_summary(report: dict) -> list[dict]:
+    return [{"name": c["name"], "passed": c["passed"], "skipped": bool(c.get("skipped"))} for c in report["checks"]]
 
 
 # --- helpers ----------------------------------------------------------------------------------

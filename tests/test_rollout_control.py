@@ -1,0 +1,323 @@
+"""The rollout control plane on a real Redis: live evidence from the router's logs decides."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import pytest
+
+from config.policy import policy_from_dict
+from tests.support import wait_for
+from workers.decision.state import DecisionStore
+from workers.registry.store import ModelVersion, Registry
+from workers.rollout.control import RolloutConflict, RolloutControl
+from workers.router.traffic import read_traffic
+
+MODEL = "churn"
+PHASES = [
+    {"name": "shadow", "traffic": 0, "min_duration": "0s", "min_requests": 100},
+    {"name": "canary", "traffic": 10, "min_duration": "0s", "min_requests": 50, "min_labeled": 50},
+    {"name": "50%", "traffic": 50, "min_duration": "0s", "min_requests": 50, "min_labeled": 50},
+    {"name": "100%", "traffic": 100, "min_duration": "0s", "min_requests": 50, "min_labeled": 50},
+]
+
+
+class Policies:
+    def __init__(self, **rollout):
+        # A 5-point tolerance keeps the equal candidate out of the "hold until confident" band.
+        self.policy = policy_from_dict({"model": {"name": MODEL},
+                                        "rollout": {"phases": PHASES, "max_accuracy_drop": 0.05, **rollout}})
+
+    def get(self, model):
+        return self.policy
+
+
+@pytest.fixture
+def control(redis_client, keys):
+    def _make(**rollout):
+        return RolloutControl(redis_client, keys, policies=Policies(**rollout))
+    return _make
+
+
+@pytest.fixture
+def versions(redis_client, keys):
+    registry = Registry(redis_client, keys)
+    for v, status in ((1, "production"), (2, "staged")):
+        registry.register(ModelVersion(model=MODEL, version=0, status=status, artifact_uri=f"file:///x/{v}.skops",
+                                       sha256="0" * 64, pipeline_id=f"p-{v}"))
+    registry.set_alias(MODEL, "production", 1, who="test", why="setup")
+    return registry
+
+
+class Traffic:
+    """Writes what the router logs (request and feedback streams) for a simulated phase."""
+
+    def __init__(self, client, keys, seed=0):
+        self.client, self.keys = client, keys
+        self.rng = random.Random(seed)
+        self.n = 0
+
+    def serve(self, n, *, traffic, prod_acc=0.85, cand_acc=0.85, cand_latency=2.0, cand_error=0.0,
+              shadow=False, labels=True):
+        pipe = self.client.pipeline(transaction=False)
+        for _ in range(n):
+            self.n += 1
+            rid = f"r{self.n}"
+            label = self.rng.randint(0, 1)
+            to_cand = (not shadow) and self.rng.uniform(0, 100) < traffic
+            version, acc, lat, err = ("2", cand_acc, cand_latency, cand_error) if to_cand else ("1", prod_acc, 2.0, 0.0)
+            pred = self._record(pipe, rid, version, label, acc, lat, err, shadow_of=None)
+            if shadow:
+                # An equally good candidate mostly agrees with production; a worse one where it errs.
+                same = cand_acc >= prod_acc and self.rng.uniform(0, 1) < 0.97
+                self._record(pipe, rid + "s", "2", label, cand_acc, cand_latency, cand_error, shadow_of=rid,
+                             pred=pred if same else None)
+            if labels:
+                pipe.xadd(self.keys.feedback(MODEL), {"request_id": rid, "label": json.dumps(label), "ts": time.time()})
+        pipe.execute()
+
+    def _record(self, pipe, rid, version, label, acc, latency, error_rate, shadow_of, pred=None):
+        error = self.rng.uniform(0, 1) < error_rate
+        if pred is None:
+            pred = label if self.rng.uniform(0, 1) < acc else 1 - label
+        score = (0.75 if pred == 1 else 0.25) + self.rng.uniform(-0.1, 0.1)
+        fields = {"request_id": rid, "version": version, "latency_ms": f"{latency + self.rng.uniform(0, 0.5):.3f}",
+                  "prediction": "" if error else json.dumps(pred), "score": "" if error else f"{score:.4f}",
+                  "error": "boom" if error else "", "shadow": "1" if shadow_of else "0", "ts": f"{time.time():.3f}"}
+        if shadow_of:
+            fields["shadow_of"] = shadow_of
+        pipe.xadd(self.keys.requests(MODEL), fields)
+        return pred
+
+
+def drive(ctl, traffic, phase_kwargs=None, max_looks=40, per_look=200):
+    """Serve traffic at the current phase's split and tick until the rollout ends."""
+    state = None
+    for _ in range(max_looks):
+        state, _ = ctl.load(MODEL)
+        if not state.active:
+            return state
+        pct = {"shadow": 0, "canary": 10, "50%": 50, "100%": 100}.get(state.phase, 0)
+        traffic.serve(per_look, traffic=pct, shadow=state.status == "shadow", **(phase_kwargs or {}))
+        time.sleep(0.002)
+        ctl.tick(MODEL)
+    return ctl.load(MODEL)[0]
+
+
+class TestRollout:
+    def test_good_candidate_walks_every_phase_and_is_promoted(self, control, versions, redis_client, keys):
+        """An equal candidate goes shadow -> canary -> 50% -> 100% -> completed; aliases, statuses, traffic follow."""
+        ctl = control()
+        ctl.begin(MODEL, 2, pipeline_id="p-2")
+        redis_client.hset(keys.guard(MODEL), "in_flight", "p-2")
+        assert read_traffic(redis_client, keys, MODEL).shadow == "2"
+        state = drive(ctl, Traffic(redis_client, keys))
+        assert state.status == "completed"
+        assert versions.alias(MODEL, "production") == 2 and versions.alias(MODEL, "previous") == 1
+        assert versions.get(MODEL, 2).status == "production" and versions.get(MODEL, 1).status == "previous"
+        table = read_traffic(redis_client, keys, MODEL)
+        assert table.production == "2" and not table.candidate and not table.shadow
+        steps = [h.get("action") or h.get("verdict") for h in state.history]
+        assert "advance" in json.dumps(state.history)
+        assert not redis_client.hexists(keys.guard(MODEL), "in_flight")  # single-flight slot released
+        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.events_for(MODEL))]
+        assert types.count("rollout.advanced") == 3 and "rollout.completed" in types
+        assert steps
+
+    def test_worse_accuracy_is_rolled_back(self, control, versions, redis_client, keys):
+        """A candidate 25 points less accurate on delayed labels is rolled back; production serves again."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        state = drive(ctl, Traffic(redis_client, keys, seed=1), {"cand_acc": 0.6})
+        assert state.status == "rolled_back" and "accuracy" in state.reason
+        assert versions.get(MODEL, 2).status == "rolled_back" and versions.alias(MODEL, "production") == 1
+        table = read_traffic(redis_client, keys, MODEL)
+        assert table.production == "1" and not table.candidate and not table.shadow
+        analysis = state.last_analysis
+        assert analysis["verdict"] == "rollback" and analysis["sample_sizes"]["candidate_labeled_total"] > 0
+        alerts = [json.loads(a) for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
+        assert alerts and alerts[0]["data"]["severity"] == "critical"
+
+    def test_worse_latency_is_rolled_back(self, control, versions, redis_client, keys):
+        """A candidate whose p99 latency is ten times production's is rolled back."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        state = drive(ctl, Traffic(redis_client, keys, seed=2), {"cand_latency": 25.0})
+        assert state.status == "rolled_back" and "latency" in state.reason
+
+    def test_rising_errors_are_rolled_back(self, control, versions, redis_client, keys):
+        """A candidate failing 20 % of its requests is rolled back."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        state = drive(ctl, Traffic(redis_client, keys, seed=3), {"cand_error": 0.2})
+        assert state.status == "rolled_back" and "error" in state.reason
+
+    def test_insufficient_evidence_holds_then_pauses(self, control, versions, redis_client, keys):
+        """Without labels the canary holds ('insufficient evidence'), then pauses after max_wait."""
+        ctl = control(max_wait="1s")
+        ctl.begin(MODEL, 2)
+        traffic = Traffic(redis_client, keys, seed=4)
+        traffic.serve(200, traffic=0, shadow=True, labels=False)
+        ctl.tick(MODEL)
+        state, _ = ctl.load(MODEL)
+        assert state.phase == "canary"
+        traffic.serve(200, traffic=10, labels=False)
+        state = ctl.tick(MODEL)
+        assert state.status == "canary" and state.insufficient_evidence
+        time.sleep(1.1)
+        ctl.tick(MODEL)
+        state = ctl.tick(MODEL)
+        assert state.status == "paused" and "insufficient evidence" in state.reason
+        assert read_traffic(redis_client, keys, MODEL).candidate == "2"  # traffic stays while paused
+
+    def test_rollback_flips_traffic_within_a_second_of_the_verdict(self, control, versions, redis_client, keys):
+        """From the tick that reaches the rollback verdict to the traffic table change: well under 1 s."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        traffic = Traffic(redis_client, keys, seed=5)
+        for _ in range(40):
+            state, _ = ctl.load(MODEL)
+            if not state.active:
+                break
+            pct = {"shadow": 0, "canary": 10, "50%": 50, "100%": 100}[state.phase]
+            traffic.serve(200, traffic=pct, shadow=state.status == "shadow", cand_acc=0.55)
+            before = read_traffic(redis_client, keys, MODEL).revision
+            started = time.perf_counter()
+            new = ctl.tick(MODEL)
+            if new.status == "rolled_back":
+                elapsed = time.perf_counter() - started
+                assert read_traffic(redis_client, keys, MODEL).revision > before
+                assert elapsed < 1.0
+                break
+        else:
+            raise AssertionError("never rolled back")
+
+
+class TestManual:
+    def test_manual_commands_are_recorded_with_who_and_why(self, control, versions, redis_client, keys):
+        """pause, resume and an emergency rollback are applied at once and recorded with who/why."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        assert ctl.manual(MODEL, "pause", "ana", "investigating").status == "paused"
+        assert ctl.manual(MODEL, "resume", "ana", "ok").status == "shadow"
+        state = ctl.manual(MODEL, "rollback", "bob", "pager")
+        assert state.status == "rolled_back"
+        assert read_traffic(redis_client, keys, MODEL).shadow in (None, "")
+        who = [(h.get("who"), h.get("why")) for h in state.history if h.get("who") in ("ana", "bob")]
+        assert ("ana", "investigating") in who and ("bob", "pager") in who
+        moves = versions.alias_history(MODEL, "candidate")
+        assert moves[-1].version is None
+
+    def test_promote_skips_the_remaining_phases(self, control, versions, redis_client, keys):
+        """An operator promote completes the rollout now; the alias history says who and why."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        assert ctl.manual(MODEL, "promote", "ana", "hotfix").status == "completed"
+        assert versions.alias(MODEL, "production") == 2
+        move = versions.alias_history(MODEL, "production")[-1]
+        assert move.who == "ana" and "hotfix" in move.why
+
+    def test_cli_rollback_exit_codes(self, versions, redis_server, redis_client, keys):
+        """`retrain rollback` with no rollout is one line and exit 2."""
+        import os
+        import subprocess
+        import sys
+
+        from tests.support import ROOT
+
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "rollback", MODEL, "--reason", "x"],
+                             capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url})
+        assert out.returncode == 2 and "no rollout" in out.stderr and out.stderr.count("\n") == 1
+
+
+class TestConcurrency:
+    def test_two_controllers_never_double_advance(self, control, versions, redis_client, keys):
+        """Two controllers ticking the same rollout concurrently: every revision is taken once."""
+        a, b = control(), control()
+        a.begin(MODEL, 2)
+        traffic = Traffic(redis_client, keys, seed=6)
+        conflicts = []
+        for _ in range(30):
+            state, _ = a.load(MODEL)
+            if not state.active:
+                break
+            pct = {"shadow": 0, "canary": 10, "50%": 50, "100%": 100}[state.phase]
+            traffic.serve(200, traffic=pct, shadow=state.status == "shadow")
+
+            def tick(ctl):
+                try:
+                    ctl.tick(MODEL)
+                except RolloutConflict:
+                    conflicts.append(1)
+            threads = [threading.Thread(target=tick, args=(c,)) for c in (a, b)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+        state, _ = a.load(MODEL)
+        assert state.status == "completed"
+        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.events_for(MODEL))]
+        assert types.count("rollout.advanced") == 3  # never twice for one phase
+        assert types.count("rollout.completed") == 1
+
+    def test_a_crash_between_save_and_apply_is_repaired_by_the_next_tick(self, control, versions, redis_client, keys):
+        """The outbox: actions saved with the state but not applied (worker died) are applied by the next tick."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        traffic = Traffic(redis_client, keys, seed=7)
+        traffic.serve(200, traffic=0, shadow=True)
+
+        class Died(Exception):
+            pass
+
+        original = ctl._apply_one
+        ctl._apply_one = lambda *a, **k: (_ for _ in ()).throw(Died())
+        with pytest.raises(Died):
+            ctl.tick(MODEL)
+        state, raw = ctl.load(MODEL)
+        assert state.phase == "canary" and json.loads(raw["outbox"])  # saved, not applied
+        assert read_traffic(redis_client, keys, MODEL).candidate_percent == 0
+        ctl._apply_one = original
+        other = control()
+        other.tick(MODEL)
+        assert read_traffic(redis_client, keys, MODEL).candidate_percent == 10
+        assert json.loads(other.load(MODEL)[1]["outbox"]) == []
+
+
+class TestRealWorker:
+    @pytest.mark.slow
+    def test_rollout_worker_killed_mid_rollout_loses_nothing(self, start_worker, versions, redis_client, keys,
+                                                              celery_app, tmp_path):
+        """A rollout worker SIGKILLed mid-rollout: another worker picks the rollout up and finishes it."""
+        policy = tmp_path / "policies"
+        policy.mkdir()
+        phases = "\n".join(f'[[rollout.phases]]\nname = "{p["name"]}"\ntraffic = {p["traffic"]}\n'
+                           f'min_duration = "0s"\nmin_requests = {p["min_requests"]}\n'
+                           f'min_labeled = {p.get("min_labeled", 0)}\n' for p in PHASES)
+        (policy / "churn.toml").write_text(f'[model]\nname = "churn"\n[rollout]\nmax_accuracy_drop = 0.05\n{phases}')
+        env = {"RETRAIN_POLICY_DIR": str(policy)}
+        ctl = RolloutControl(redis_client, keys, policies=Policies())
+        ctl.begin(MODEL, 2)
+        traffic = Traffic(redis_client, keys, seed=8)
+        worker = start_worker("rollout", env=env)
+        from workers.rollout.tasks import tick_all
+
+        traffic.serve(200, traffic=0, shadow=True)
+        tick_all.apply_async(queue="rollout")  # what beat sends every RETRAIN_ROLLOUT_TICK
+        wait_for(lambda: ctl.load(MODEL)[0].phase == "canary", timeout=20, message="the canary phase")
+        worker.kill()
+        start_worker("rollout", env=env)
+        for _ in range(30):
+            state, _ = ctl.load(MODEL)
+            if not state.active:
+                break
+            pct = {"shadow": 0, "canary": 10, "50%": 50, "100%": 100}[state.phase]
+            traffic.serve(200, traffic=pct)
+            revision = state.revision
+            tick_all.apply_async(queue="rollout")
+            wait_for(lambda: ctl.load(MODEL)[0].revision > revision, timeout=20, message="a tick")
+        final = ctl.load(MODEL)[0]
+        assert final.status == "completed", final.last_analysis
+        assert versions.alias(MODEL, "production") == 2
