@@ -1,12 +1,3 @@
-"""Model registry: versions, aliases and lineage (Redis), and verified skops artifacts."""
-
-from workers.registry.artifacts import (
-    ArtifactError,
-    ArtifactRef,
-    ArtifactTampered,
-    UntrustedArtifact,
-    load_artifact,
-    save_artifact,
-)
-
-__all__ = ["ArtifactError", "ArtifactRef", "ArtifactTampered", "UntrustedArtifact", "load_artifact", "save_artifact"]
+"""Model registry: versions, aliases and lineage in Redis (``store``), and verified skops
+artifacts (``artifacts``). Import the submodules directly; this package imports nothing heavy so
+the CLI's read-only commands start fast."""
