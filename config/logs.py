@@ -22,6 +22,22 @@ def redact(_logger, _method, event_dict: dict) -> dict:
     return event_dict
 
 
+class _StderrLogger:
+    """Writes each rendered line to whatever ``sys.stderr`` is at that moment (tests swap it)."""
+
+    def msg(self, message: str) -> None:
+        try:
+            print(message, file=sys.stderr, flush=True)
+        except ValueError:  # stderr closed under us (interpreter shutdown): drop the line
+            pass
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger_factory(*_args) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = False) -> None:
     """Configure structlog and the stdlib root logger once per process."""
     global _configured
@@ -39,7 +55,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
     structlog.configure(
         processors=[*shared, structlog.processors.format_exc_info, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)
