@@ -77,6 +77,11 @@ def celery_config(settings, broker_url: str) -> dict[str, Any]:
                 "schedule": settings.rollout_tick.total_seconds(),
                 "options": {"queue": QUEUE_ROLLOUT, "expires": settings.rollout_tick.total_seconds() * 2},
             },
+            "monitors": {
+                "task": "retrain.monitor_all",
+                "schedule": 60.0,
+                "options": {"queue": QUEUE_DECISION, "expires": 120},
+            },
             "housekeeping": {
                 "task": "retrain.housekeeping",
                 "schedule": settings.housekeeping_interval.total_seconds(),

@@ -130,6 +130,10 @@ class Keys:
         """Set of models with a rollout that is not finished (what the rollout ticks visit)."""
         return f"{self.prefix}:rollouts-active"
 
+    def monitor_runs(self) -> str:
+        """Hash: model -> time its monitors last ran (the periodic monitor task's clock)."""
+        return f"{self.prefix}:monitor-runs"
+
     def due(self) -> str:
         """Sorted set: model -> time its next decision is due (debounce, follow-ups)."""
         return f"{self.prefix}:decision-due"

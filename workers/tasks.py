@@ -21,3 +21,17 @@ def housekeeping() -> dict:
     s = get_settings()
     trimmed = EventBus.from_settings(get_redis(s), s).trim_older_than(s.stream_retention.total_seconds())
     return {"trimmed": trimmed}
+
+
+@app.task(name="retrain.monitor_all", ignore_result=True, acks_late=True)
+def monitor_all() -> dict:
+    """Run each model's monitors when its policy's ``monitor_interval`` has elapsed."""
+    from config.keys import keys_from_settings
+    from config.settings import get_settings
+    from workers.connections import get_redis
+    from workers.monitor import monitor_due_models
+    from workers.policies import policy_store
+
+    s = get_settings()
+    return {m: r.get("published", r.get("error")) for m, r in
+            monitor_due_models(get_redis(s), keys_from_settings(s), policy_store(s)).items()}

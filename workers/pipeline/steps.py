@@ -196,7 +196,7 @@ def gate(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
             f"{c['name']} ({c.get('detail') or c.get('value')})" for c in result["checks"]
             if not c["passed"] and not c.get("skipped")))
     env.emit(ctx, "gate.passed", passed=True, failed_checks=report.failed, checks=_check_summary(result))
-    return {**ctx, "gate": result}
+    return {**ctx, "gate": result, "reference_scores": reference_scores(candidate, holdout, policy)}
 
 
 def stage(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
@@ -229,6 +229,29 @@ STEPS = {"validate_data": validate_data, "train": train, "gate": gate, "stage": 
          "start_rollout": start_rollout}
 
 
+REFERENCE_SCORES_KEPT = 2000
+
+
+def reference_scores(model, holdout: pd.DataFrame, policy) -> list[float]:
+    """The model's scores on its holdout (positive-class probability, top-class probability or
+    the prediction), sampled to at most REFERENCE_SCORES_KEPT values: the concept-drift reference."""
+    import numpy as np
+
+    X = holdout.drop(columns=[policy.model.target, policy.data.time_column], errors="ignore")
+    try:
+        if policy.model.task == "regression" or not hasattr(model, "predict_proba"):
+            scores = np.asarray(model.predict(X), dtype=float)
+        else:
+            proba = np.asarray(model.predict_proba(X), dtype=float)
+            scores = proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
+    except Exception as exc:  # noqa: BLE001 - no reference, no concept-drift check; say so
+        log.warning("pipeline.reference_scores_failed", error=str(exc))
+        return []
+    if len(scores) > REFERENCE_SCORES_KEPT:
+        scores = np.random.default_rng(0).choice(scores, REFERENCE_SCORES_KEPT, replace=False)
+    return [round(float(s), 6) for s in scores]
+
+
 def _check_summary(report: dict) -> list[dict]:
     return [{"name": c["name"], "passed": c["passed"], "skipped": bool(c.get("skipped"))} for c in report["checks"]]
 
@@ -258,6 +281,7 @@ def _register(env: _Env, ctx: dict[str, Any], *, status: str, gate: dict | None)
         parent_version=production.version if production else None, gate=gate,
         feature_version=(decision or {}).get("feature_version"),
         schema_fingerprint=ctx.get("schema_fingerprint"), source_schema=ctx.get("source_schema") or {},
+        reference_scores=ctx.get("reference_scores") or [],
     ))
 
 

@@ -74,6 +74,8 @@ class ModelVersion:
     feature_version: str | None = None
     schema_fingerprint: str | None = None
     source_schema: dict[str, str] = field(default_factory=dict)
+    reference_scores: list[float] = field(default_factory=list)
+    """A sample of the model's scores on its holdout (the reference for concept drift)."""
     """Columns and dtypes of the data source at training time (for upstream-change checks)."""
     notes: list[dict[str, Any]] = field(default_factory=list)
 

@@ -1,0 +1,58 @@
+"""`retrain monitor`: the monitors of a production model, run once against its data and logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from events.bus import EventBus
+from tests.support import ROOT, wait_for
+from tests.test_pipeline import request, setup_model
+from workers.registry.store import Registry
+from workers.simulate import write_days
+
+
+class TestMonitor:
+    @pytest.mark.slow
+    def test_monitor_publishes_drift_volume_and_upstream_for_new_data(self, start_worker, redis_client, keys,
+                                                                       settings, tmp_path, redis_server):
+        """New drifted rows with a removed column: drift, volume and a breaking upstream change are published."""
+        env = setup_model(tmp_path)
+        start_worker("all", env=env)
+        registry = Registry(redis_client, keys)
+        request(EventBus.from_settings(redis_client, settings))
+        wait_for(lambda: registry.alias("churn", "production") == 1, timeout=90, message="v1")
+        v1 = registry.get("churn", 1)
+        assert v1.reference_scores and v1.source_schema
+        tomorrow = datetime.now(timezone.utc) + timedelta(days=1)
+        [path] = write_days(tmp_path / "data" / "churn" / "new", days=1, rows_per_day=600, end=tomorrow,
+                            shift=1.5, seed=9)
+        import pandas as pd
+
+        pd.read_parquet(path).drop(columns=["region"]).to_parquet(path, index=False)
+        cli_env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url, **env}
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "monitor", "churn", "--json"],
+                             capture_output=True, text=True, env=cli_env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["production"] == 1
+        assert summary.get("drift_score", 0) >= 0.5, summary
+        assert summary["volume"] >= 1
+        assert summary["upstream"] == "breaking"
+        published = [json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for("churn"))]
+        kinds = {e["type"] for e in published if e["source"] == "urn:retrain:monitor"}
+        assert {"drift.data", "volume.accumulated", "upstream.changed"} <= kinds
+        upstream = [e for e in published if e["type"] == "upstream.changed"][-1]
+        assert upstream["data"]["removed"] == ["region"] and upstream["data"]["breaking"] is True
+
+    def test_monitor_without_policy_is_exit_2(self, redis_server, tmp_path):
+        """An unknown model: one line, exit 2."""
+        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url, "RETRAIN_POLICY_DIR": str(tmp_path)}
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "monitor", "nope"], capture_output=True,
+                             text=True, env=env, cwd=ROOT)
+        assert out.returncode == 2 and "no policy" in out.stderr
