@@ -429,3 +429,40 @@ class TestCli:
         assert proc.stdout == ""
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and expect in lines[0]
+
+
+class TestStabilityAfterConceptChange:
+    def test_unstable_but_significantly_better_candidate_passes_stability(self):
+        """After a concept change, a candidate whose predictions moved but who is significantly better is not blocked."""
+        from datetime import datetime, timedelta, timezone
+
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.compose import make_column_transformer
+        from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+        from config.policy import policy_from_dict
+        from workers.gate.checks import run_gate
+        from workers.simulate import CATEGORICAL, FEATURES, TARGET, make_frame
+
+        now = datetime.now(timezone.utc)
+
+        def fit(frame):
+            ct = make_column_transformer((OneHotEncoder(handle_unknown="ignore"), CATEGORICAL),
+                                         (StandardScaler(), [c for c in FEATURES if c not in CATEGORICAL]))
+            return make_pipeline(ct, LogisticRegression(max_iter=300)).fit(frame[FEATURES], frame[TARGET])
+
+        old = fit(make_frame(3000, start=now - timedelta(days=2), end=now - timedelta(days=1), seed=1))
+        new_world = make_frame(3000, start=now - timedelta(days=1), end=now, seed=2, concept=1.5)
+        new = fit(new_world.iloc[:2000])
+        holdout = new_world.iloc[2000:][FEATURES + [TARGET]]
+        policy = policy_from_dict({"model": {"name": "m", "target": TARGET},
+                                   "gate": {"min_accuracy": 0.5, "max_latency_p99_ms": 1000,
+                                            "min_throughput_rows_per_s": 1}})
+        report = run_gate(new, old, holdout, policy)
+        stability = report.check("prediction_stability")
+        assert stability.value < 0.8  # the predictions really moved
+        assert stability.passed and "significantly better" in stability.detail
+        # and the same candidate judged against itself-as-worse: a worse unstable model still fails
+        report = run_gate(old, new, holdout, policy)
+        assert not report.check("prediction_stability").passed

@@ -422,10 +422,35 @@ def check_prediction_stability(ctx: GateContext, cfg: GateSection) -> CheckResul
         kind, value = "correlation", _correlation(ctx.candidate_pred, ctx.production_pred)
     threshold = cfg.min_prediction_correlation
     passed = value >= threshold
-    return CheckResult(
-        "prediction_stability", passed, value, threshold,
-        f"{kind} {value:.4f} {'>=' if passed else '<'} {threshold}", extra={"measure": kind},
-    )
+    detail = f"{kind} {value:.4f} {'>=' if passed else '<'} {threshold}"
+    extra: dict[str, Any] = {"measure": kind}
+    if not passed:
+        # After a concept change the right model *must* predict differently. Instability is not
+        # blocking when the candidate is significantly better than production on the same rows.
+        better = _significantly_better(ctx, cfg.regression_alpha)
+        extra["candidate_significantly_better"] = better
+        if better["significant"]:
+            passed = True
+            detail += (f", but the candidate is significantly better on the same rows "
+                       f"(paired sign test p={better['p_value']:.2g}): predictions moved for the better")
+    return CheckResult("prediction_stability", passed, value, threshold, detail, extra=extra)
+
+
+def _significantly_better(ctx: GateContext, alpha: float) -> dict[str, Any]:
+    """One-sided paired sign test: does the candidate beat production row by row?"""
+    from scipy.stats import binomtest
+
+    if ctx.is_classifier:
+        cand_ok, prod_ok = ctx.candidate_pred == ctx.y, ctx.production_pred == ctx.y
+        wins, losses = int(np.sum(cand_ok & ~prod_ok)), int(np.sum(prod_ok & ~cand_ok))
+    else:
+        cand_err = np.abs(np.asarray(ctx.candidate_pred, dtype=float) - ctx.y)
+        prod_err = np.abs(np.asarray(ctx.production_pred, dtype=float) - ctx.y)
+        wins, losses = int(np.sum(cand_err < prod_err)), int(np.sum(prod_err < cand_err))
+    if wins + losses == 0:
+        return {"wins": wins, "losses": losses, "p_value": 1.0, "significant": False}
+    p = float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+    return {"wins": wins, "losses": losses, "p_value": p, "significant": p < alpha}
 
 
 def _slices(values: pd.Series) -> pd.Series:
