@@ -38,8 +38,10 @@ def make_frame(n: int, *, start: datetime, end: datetime, shift: float = 0.0, co
     plan = rng.choice(PLANS, n, p=[0.5 - shift * 0.2, 0.3, 0.2 + shift * 0.2])
     region = rng.choice(REGIONS, n)
     plan_effect = np.select([plan == "basic", plan == "plus"], [0.6, 0.0], -0.6)
-    logit = (-0.04 * tenure + 0.5 * (calls - 1.5) + 0.02 * (spend - 60) + plan_effect
-             + concept * (0.08 * tenure - 1.2 * (calls - 1.5) - 1.2 * plan_effect))
+    base = -0.04 * (tenure - 24) + 0.5 * (calls - 1.5) + 0.02 * (spend - 60) + plan_effect
+    # A concept change: what support calls and the plan say about churn turns around.
+    skew = -1.0 * (calls - 1.5) - 1.2 * plan_effect
+    logit = base + concept * skew
     y = (rng.uniform(size=n) < 1 / (1 + np.exp(-3 * logit))).astype(int)
     if label_noise:
         flip = rng.uniform(size=n) < label_noise

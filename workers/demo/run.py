@@ -89,7 +89,9 @@ max_wait = "25s"
 on_insufficient_evidence = "pause"
 min_agreement = 0.75
 max_accuracy_drop = 0.04
-max_latency_p99_ratio = 3.0
+# The shadow answers in its own process on the same two cores as everything else here;
+# its latency is noisy, so the demo tolerates a large ratio (the default is 1.5).
+max_latency_p99_ratio = 10.0
 max_error_rate_increase = 0.02
 
 [[rollout.phases]]
