@@ -35,10 +35,11 @@ def register(app: typer.Typer) -> None:
 
             table = Table(title=f"retrain demo: {'all scenarios as expected' if result['ok'] else 'NOT all as expected'}"
                                 f" ({result['seconds']}s)")
-            for col in ("scenario", "expected", "outcome", "ok"):
+            for col in ("scenario", "expected", "outcome", "key figures", "ok"):
                 table.add_column(col, overflow="fold")
             for s in result["scenarios"]:
-                table.add_row(s["name"], s["expected"], s["outcome"], "[green]yes[/]" if s["ok"] else "[red]no[/]")
+                table.add_row(s["name"], s["expected"], s["outcome"], _figures(s),
+                              "[green]yes[/]" if s["ok"] else "[red]no[/]")
             console.print(table)
             if result.get("error"):
                 console.print(f"[red]error[/]: {result['error']}")
@@ -47,3 +48,19 @@ def register(app: typer.Typer) -> None:
             console.print(f"logs and data: {result['state_dir']}")
         if not result["ok"]:
             raise typer.Exit(1)
+
+
+_SHOWN = ("drift_scores", "urgency", "search_best_params", "gate_checks_passed", "failed_checks", "rolled_back_in",
+          "candidate_accuracy", "production_accuracy", "seconds")
+
+
+def _figures(scenario: dict) -> str:
+    parts = []
+    for key in _SHOWN:
+        value = scenario.get(key)
+        if value is None or value == []:
+            continue
+        if isinstance(value, float):
+            value = f"{value:.3f}" if key != "seconds" else f"{value:.1f}s"
+        parts.append(f"{key.replace('_', ' ')}: {value}")
+    return "\n".join(parts)
