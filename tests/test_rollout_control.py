@@ -321,3 +321,26 @@ class TestRealWorker:
         final = ctl.load(MODEL)[0]
         assert final.status == "completed", final.last_analysis
         assert versions.alias(MODEL, "production") == 2
+
+
+class TestExplainRollout:
+    def test_explain_rollout_lists_every_look(self, control, versions, redis_client, keys, redis_server):
+        """`retrain explain rollout:MODEL --json` shows each analysis record with metrics, thresholds and sample sizes."""
+        import os
+        import subprocess
+        import sys
+
+        from tests.support import ROOT
+
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        drive(ctl, Traffic(redis_client, keys, seed=11), {"cand_acc": 0.55})
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", f"rollout:{MODEL}", "--json"],
+                             capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url})
+        assert out.returncode == 0, out.stderr
+        shown = json.loads(out.stdout)
+        assert shown["status"] == "rolled_back"
+        looks = [h for h in shown["history"] if h.get("verdict")]
+        assert looks and all({"metrics", "thresholds", "sample_sizes"} <= set(h) for h in looks)
+        assert shown["last_analysis"]["verdict"] == "rollback"

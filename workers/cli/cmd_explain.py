@@ -53,7 +53,7 @@ def render_decision(record: dict) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("explain")
     def explain(
-        record_id: str = typer.Argument(..., help="A decision id (d-...) or a pipeline id (p-...)."),
+        record_id: str = typer.Argument(..., help="A decision id (d-...), a pipeline id (p-...) or rollout:MODEL."),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
         """Explain a decision: every trigger with value, threshold and reason, the guards, the events."""
@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
 
             other = find_other(client, keys, record_id)
             if other is None:
-                fail(f"no decision or pipeline with id {record_id!r}")
+                fail(f"no decision, pipeline or rollout with id {record_id!r}")
             print_json(other) if as_json else console.print_json(data=other)
             return
         if as_json:

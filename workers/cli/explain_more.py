@@ -1,4 +1,5 @@
-"""Look up records other than decisions for ``retrain explain`` (pipelines)."""
+"""Look up records other than decisions for ``retrain explain``: pipelines (``p-...``) and
+rollouts (``rollout:MODEL``: every analysis record, transition and manual action)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import json
 
 
 def find_other(client, keys, record_id: str):
-    """A pipeline record by id, searched across models (None if unknown)."""
+    """A pipeline record by id, searched across models, or a model's rollout (None if unknown)."""
+    if record_id.startswith("rollout:"):
+        model = record_id.split(":", 1)[1]
+        raw = client.hget(keys.rollout(model), "state")
+        if raw is None:
+            return None
+        state = json.loads(raw)
+        return {"rollout": model, "candidate": state["candidate"], "production": state["production"],
+                "status": state["status"], "phase": state["phase"], "reason": state["reason"],
+                "last_analysis": state.get("last_analysis"), "history": state.get("history", [])}
     if not record_id.startswith("p-"):
         return None
     for model in client.smembers(keys.models()):
