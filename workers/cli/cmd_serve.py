@@ -1,0 +1,79 @@
+"""``retrain serve``: the router's HTTP server (predict, feedback, /healthz, /metrics) on uvicorn."""
+
+from __future__ import annotations
+
+import socket
+
+import typer
+
+from workers.cli._common import fail, print_json
+
+
+def _check_bindable(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        fail(f"cannot resolve host {host!r}: {exc.strerror}")
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+
+
+def _models_to_serve(requested: list[str]) -> list[str]:
+    import redis
+
+    from workers.connections import NoRedisConfigured, get_redis
+    from workers.registry.store import Registry
+
+    try:
+        client = get_redis()
+        client.ping()
+    except NoRedisConfigured as exc:
+        fail(str(exc))
+    except redis.RedisError as exc:
+        fail(f"cannot reach Redis: {exc}")
+    from config.keys import keys_from_settings
+
+    known = Registry(client, keys_from_settings()).models()
+    if not requested:
+        if not known:
+            fail("the registry holds no models yet; pass --model NAME")
+        return known
+    unknown = [m for m in requested if m not in known]
+    if unknown:
+        hint = f" (known: {', '.join(known[:10])})" if known else " (the registry holds no models)"
+        fail(f"unknown model {unknown[0]!r}{hint}")
+    return list(dict.fromkeys(requested))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
+        port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+        model: list[str] = typer.Option(None, "--model", "-m",
+                                        help="Model to serve (repeat for several; default: every registered model)."),
+        log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the address, then serve."),
+    ) -> None:
+        """Serve predictions through the router: traffic split from Redis, shadow, request log, feedback."""
+        if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
+            fail(f"unknown log level {log_level!r}")
+        names = _models_to_serve([m for m in (model or []) if m] if model else [])
+        _check_bindable(host, port)
+
+        import uvicorn
+
+        from config.logs import configure_logging
+        from config.settings import get_settings
+        from workers.router.server import create_app
+
+        settings = get_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        if as_json:
+            print_json({"url": f"http://{host}:{port}", "models": names})
+        uvicorn.run(create_app(names), host=host, port=port, log_level=log_level.lower(), access_log=False)
