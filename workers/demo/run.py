@@ -51,6 +51,9 @@ min_rows = 300
 holdout_fraction = 0.25
 
 [triggers]
+# The demo's performance monitor draws the live accuracy on the timeline; it is not what
+# triggers the scenarios here, so its threshold is set out of reach.
+performance_drop_threshold = 0.5
 drift_threshold = 0.15
 drift_persistence_k = 2
 drift_persistence_n = 3
@@ -267,7 +270,27 @@ class Demo:
         self.router = Router(MODEL, self.redis, self.keys, self.registry)
         self.traffic = TrafficSimulator(self.router, rate=RATE, label_delay=LABEL_DELAY_S).start()
         self.wait(lambda: self.traffic.sent > 100, 20, "live traffic on v1")
+        import threading
+
+        self._perf_stop = threading.Event()
+        self._perf_thread = threading.Thread(target=self._performance_monitor, daemon=True)
+        self._perf_thread.start()
         self.note("v1 serves live traffic; labels arrive 3 s after each answer")
+
+    def _performance_monitor(self) -> None:
+        """Every 2 s: the production version's live accuracy on the last 10 s of labeled answers."""
+        from events.producers.performance import measure_performance, performance_event, read_request_log
+
+        while not self._perf_stop.wait(2.0):
+            try:
+                version = self.production()
+                since = int((time.time() - 10) * 1000)
+                predictions, labels = read_request_log(self.redis, self.keys, MODEL, since)
+                m = measure_performance(predictions, labels, "binary", version=str(version), min_labeled=50)
+                if m.value is not None:
+                    self.bus.publish(performance_event(MODEL, m, version=version, source="urn:retrain:demo-monitor"))
+            except Exception as exc:  # noqa: BLE001 - the picture is a bonus; never stop the demo
+                log.warning("demo.performance_monitor", error=str(exc))
 
     def scenario_drift(self, sc: Scenario) -> None:
         from config.policy import load_policy
@@ -417,6 +440,8 @@ class Demo:
         try:
             if self.view is not None:
                 self.view.stop()
+            if getattr(self, "_perf_stop", None) is not None:
+                self._perf_stop.set()
             if self.traffic is not None:
                 self.traffic.stop()
             if self.router is not None:
