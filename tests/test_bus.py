@@ -117,6 +117,37 @@ class TestEnvelope:
         assert redis_client.xlen(keys.events_for("m")) == 3
 
 
+class TestFastDataCheck:
+    @pytest.mark.parametrize("etype", sorted(SAMPLE_DATA))
+    def test_fast_check_accepts_and_rejects_exactly_what_the_typed_model_does(self, etype):
+        """The validate-only data check used by parse_event agrees with the typed model on good and broken data."""
+        from pydantic import ValidationError
+
+        from events.envelope import _DATA_CHECKS
+
+        model = EVENT_TYPES[etype]
+        good = SAMPLE_DATA[etype]
+        variants = [good, {}, {**good, "extra": [1, {"a": None}]}]
+        for name in model.model_fields:
+            variants += [{**good, name: bad} for bad in (None, "x", "0.5", -1, 0, 2.5, [], ["a", 1], {}, True)]
+            variants.append({k: v for k, v in good.items() if k != name})
+        outcomes = []
+        for data in variants:
+            try:
+                model.model_validate(data)
+                expected = True
+            except ValidationError:
+                expected = False
+            try:
+                _DATA_CHECKS[etype](data)
+                got = True
+            except ValidationError:
+                got = False
+            assert got == expected, (etype, data)
+            outcomes.append(got)
+        assert True in outcomes and False in outcomes  # both sides of the check were exercised
+
+
 class TestConsumer:
     def test_raw_garbage_in_the_stream_is_dead_lettered_and_consumption_continues(self, bus, redis_client, keys):
         """Invalid entries injected straight into the stream go to the dead-letter stream with the reason."""

@@ -203,6 +203,66 @@ class TestDecisions:
         assert rec["action"] == "suppress" and "no policy" in rec["reason"]
 
 
+def _model_state(client, keys, model):
+    """The recorded per-model state, without the times that depend on when it was written."""
+    guard = client.hgetall(keys.guard(model))
+    return {
+        "signals": {k: json.loads(v)["data"] for k, v in client.hgetall(keys.signals(model)).items()},
+        "drift": client.lrange(keys.drift_history(model), 0, -1),
+        "pending": client.lrange(keys.pending_events(model), 0, -1),
+        "history": [json.loads(f[b"e"])["id"] for _, f in client.xrange(keys.history(model))],
+        "window": sorted(k for k in guard if k in (b"first_pending", b"last_pending")),
+    }
+
+
+class TestBatchRecording:
+    def test_a_batch_leaves_the_same_state_as_its_events_one_by_one(self, redis_client, keys):
+        """Folding a batch per model (latest signals, drift, pending ids, a promotion's clearing) equals recording each event alone."""
+        from workers.decision.service import record_events
+
+        def sequence(model):
+            return [
+                drift(model, 0.4), new_event("volume.accumulated", model, {"new_samples": 5}),
+                new_event("schedule.tick", model, {"schedule": "daily"}), drift(model, 0.5),
+                new_event("rollout.completed", model, {"version": 2}),
+                drift(model, 0.05), new_event("upstream.changed", model, {"feature_version": "v3"}),
+                new_event("rollout.completed", model, {"version": 3}), drift(model, 0.07),
+            ]
+
+        pipe = redis_client.pipeline(transaction=True)
+        touched, urgent = record_events(keys, sequence("batched"), pipe)
+        pipe.execute()
+        for event in sequence("single"):
+            pipe = redis_client.pipeline(transaction=True)
+            record_events(keys, [event], pipe)
+            pipe.execute()
+        batched, single = _model_state(redis_client, keys, "batched"), _model_state(redis_client, keys, "single")
+        assert batched["signals"] == single["signals"]
+        assert set(batched["signals"]) == {b"schedule.tick", b"drift.data"}
+        assert batched["signals"][b"drift.data"]["drift_score"] == 0.07
+        assert batched["drift"] == single["drift"] == [b"0.07"]
+        assert len(batched["pending"]) == len(single["pending"]) == 7
+        assert len(batched["history"]) == len(single["history"]) == 9
+        assert batched["window"] == single["window"] == [b"first_pending", b"last_pending"]
+        assert touched == {"batched"} and urgent == set()
+
+
+class TestClaiming:
+    def test_claim_skips_models_locked_elsewhere_or_no_longer_due(self, make_service, redis_client):
+        """A worker only loads due models whose lock it took; the ones it could not take keep their locks."""
+        svc = make_service()
+        for m in ("due", "locked", "done"):
+            svc.bus.publish(drift(model=m, score=0.05))
+        svc.consumer.poll(block_ms=10)
+        redis_client.set(svc.keys.lock("locked", "decide"), "another-worker")
+        redis_client.zrem(svc.keys.due(), "done")  # evaluated by another worker meanwhile
+        states = svc.store.claim_and_load(["due", "locked", "done"], "me", 30_000)
+        assert set(states) == {"due"}
+        assert redis_client.get(svc.keys.lock("locked", "decide")) == b"another-worker"
+        assert not redis_client.exists(svc.keys.lock("done", "decide"))
+        assert svc.store.release_locks(["due", "locked"], "me") == 1
+
+
 class TestExplain:
     def test_explain_prints_the_record_as_json_and_exit_2_for_unknown(self, make_service, redis_server, tmp_path):
         """`retrain explain ID --json` prints the stored record; an unknown id is one line and exit 2."""

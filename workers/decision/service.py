@@ -10,6 +10,11 @@ single-flight slot and enqueues the training pipeline on the urgency's queue.
 Several decision workers may run (one consumer group): a per-model lock serialises
 evaluations, and the single-flight slot is taken under it, so two workers never start two
 pipelines for one model.
+
+Costs are per batch and per model, not per event: a batch is folded per model in Python and
+recorded (and its models scheduled) by one script call inside the bus's transaction; a round
+of evaluations takes its locks and reads every model's state in one script call, and writes
+its bookkeeping and releases its locks in one transaction.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import structlog
 
 from config.keys import Keys, keys_from_settings
 from config.settings import Settings, get_settings
-from events.bus import PAYLOAD_FIELD, EventBus, StreamConsumer
+from events.bus import EventBus, StreamConsumer, gc_paused
 from events.envelope import CloudEvent, new_event
 from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
 from workers.decision.policy import apply_guards, evaluate
-from workers.decision.state import DecisionStore, StoredState, clear_production_signals
+from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys
 from workers.policies import PolicyStore
 
 log = structlog.get_logger(__name__)
@@ -43,36 +48,137 @@ STALE_IN_FLIGHT_S = 6 * 3600
 SOURCE = "urn:retrain:decision"
 
 
-def record_events(keys: Keys, events: list[CloudEvent], pipe) -> tuple[set[str], set[str]]:
-    """Queue the state updates for a batch into ``pipe``.
+CLEARED_BY_PROMOTION = (*STATE_SIGNALS, "upstream.changed")
+"""Signal types ``clear_production_signals`` deletes (measured against the previous production model)."""
+
+# The whole batch's state updates in one call. Per model, in this order: make it due, append
+# the events to the model's history, delete the signals a promotion cleared, set the latest
+# signal of each type, extend the drift history, append the pending ids and stamp the pending
+# window. Python folds the batch so that the end state equals applying the events one by one.
+RECORD_BATCH = """
+-- KEYS: due, then per model (history, signals, drift_history, pending_events, guard)
+-- ARGV: now, history maxlen, drift history length, then per model:
+--   model, schedule           0 no, 1 due now unless already due (ZADD NX), 2 due now (a manual
+--                             request: overrides a later debounce time)
+--   n, payload * n            history entries, in order
+--   n, type * n               signal fields to delete (a promotion happened)
+--   0|1                       delete the drift history first
+--   n, (type, i) * n          latest signal per type: the i-th (0-based) of this model's payloads
+--   n, score * n              drift scores, oldest first
+--   n, event id * n           pending event ids, in order (n > 0 also stamps the pending window)
+local now, maxlen, driftlen = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local function each(cmd, key, first, last)
+  for i = first, last, 1000 do redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, last))) end
+end
+local a = 4
+for k = 2, #KEYS, 5 do
+  local model, schedule = ARGV[a], ARGV[a + 1]
+  if schedule == '1' then redis.call('ZADD', KEYS[1], 'NX', now, model)
+  elseif schedule == '2' then redis.call('ZADD', KEYS[1], now, model) end
+  local n = tonumber(ARGV[a + 2])
+  local first = a + 3
+  for i = first, first + n - 1 do
+    redis.call('XADD', KEYS[k], 'MAXLEN', '~', maxlen, '*', 'e', ARGV[i])
+  end
+  a = first + n
+  n = tonumber(ARGV[a])
+  each('HDEL', KEYS[k + 1], a + 1, a + n)
+  a = a + n + 1
+  if ARGV[a] == '1' then redis.call('DEL', KEYS[k + 2]) end
+  a = a + 1
+  n = tonumber(ARGV[a])
+  if n > 0 then
+    local fields = {}
+    for i = a + 1, a + 2 * n, 2 do
+      fields[#fields + 1] = ARGV[i]
+      fields[#fields + 1] = ARGV[first + tonumber(ARGV[i + 1])]
+    end
+    redis.call('HSET', KEYS[k + 1], unpack(fields))
+  end
+  a = a + 2 * n + 1
+  n = tonumber(ARGV[a])
+  if n > 0 then
+    each('LPUSH', KEYS[k + 2], a + 1, a + n)
+    if redis.call('LLEN', KEYS[k + 2]) > driftlen then redis.call('LTRIM', KEYS[k + 2], 0, driftlen - 1) end
+  end
+  a = a + n + 1
+  n = tonumber(ARGV[a])
+  if n > 0 then
+    each('RPUSH', KEYS[k + 3], a + 1, a + n)
+    redis.call('HSETNX', KEYS[k + 4], 'first_pending', now)
+    redis.call('HSET', KEYS[k + 4], 'last_pending', now)
+  end
+  a = a + n + 1
+end
+return (#KEYS - 1) / 5
+"""
+
+
+def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool = False) -> tuple[set[str], set[str]]:
+    """Queue the state updates for a batch into ``pipe`` (one script call, whatever the batch size).
+
+    Every event goes to its model's history; signals update the latest value per type, the
+    drift history and the pending ids and window; ``rollout.completed`` clears the signals
+    measured against the previous production model (as :func:`clear_production_signals`).
+    With ``schedule``, the same call makes the models with new signals due now (unless they
+    are due already; a manual request makes its model due now regardless), so recording and
+    scheduling commit together.
 
     Returns (models with new signals, models with an urgent manual request).
     """
     touched: set[str] = set()
     urgent: set[str] = set()
-    models: set[str] = set()
-    now = f"{time.time():.6f}"
+    # model -> [history payloads, latest by type (index into the payloads), drift scores, pending ids, promoted]
+    batches: dict[str, list] = {}
+    signal_types = SIGNAL_TYPES
     for event in events:
         model = event.subject
-        models.add(model)
-        payload = event.to_json()
-        pipe.xadd(keys.history(model), {PAYLOAD_FIELD: payload}, maxlen=HISTORY_MAXLEN, approximate=True)
+        b = batches.get(model)
+        if b is None:
+            b = batches[model] = [[], {}, [], [], False]
+        b[0].append(event.to_json())
         etype = event.type
-        if etype in SIGNAL_TYPES:
-            touched.add(model)
-            pipe.hset(keys.signals(model), etype, payload)
+        if etype in signal_types:
+            b[1][etype] = len(b[0]) - 1
             if etype == "drift.data":
-                pipe.lpush(keys.drift_history(model), event.data["drift_score"])
-                pipe.ltrim(keys.drift_history(model), 0, DRIFT_HISTORY_LEN - 1)
+                b[2].append(event.data["drift_score"])
             elif etype == "retrain.requested":
                 urgent.add(model)
-            pipe.rpush(keys.pending_events(model), event.id)
-            pipe.hsetnx(keys.guard(model), "first_pending", now)
-            pipe.hset(keys.guard(model), "last_pending", now)
+            b[3].append(event.id)
+            touched.add(model)
         elif etype == "rollout.completed":
-            clear_production_signals(pipe, keys, model)
-    if models:
-        pipe.sadd(keys.models(), *models)
+            b[4] = True
+            for t in CLEARED_BY_PROMOTION:
+                b[1].pop(t, None)
+            b[2].clear()
+    if not batches:
+        return touched, urgent
+    script_keys: list[str] = [keys.due()]
+    args: list[Any] = [f"{time.time():.6f}", HISTORY_MAXLEN, DRIFT_HISTORY_LEN]
+    for model, (history, latest, drift, pending, promoted) in batches.items():
+        mk = model_keys(keys, model)
+        script_keys += (mk.history, mk.signals, mk.drift_history, mk.pending_events, mk.guard)
+        args += (model, (2 if model in urgent else 1) if schedule and pending else 0, len(history))
+        args += history
+        if promoted:
+            gone = [t for t in CLEARED_BY_PROMOTION if t not in latest]
+            args.append(len(gone))
+            args += gone
+            args.append(1)
+        else:
+            args += (0, 0)
+        args.append(len(latest))
+        for item in latest.items():
+            args += item
+        drift = drift[-DRIFT_HISTORY_LEN:]  # only the newest survive the trim
+        args.append(len(drift))
+        args += drift
+        args.append(len(pending))
+        args += pending
+    # EVAL (not EVALSHA): inside MULTI a NOSCRIPT error would fail this command alone and let
+    # the rest of the transaction (seen marks, acks) commit without the state it records.
+    pipe.eval(RECORD_BATCH, len(script_keys), *script_keys, *args)
+    pipe.sadd(keys.models(), *batches)
     return touched, urgent
 
 
@@ -87,8 +193,6 @@ class DecisionService:
         self.policies = policies or PolicyStore.from_settings(settings)
         self.consumer_name = consumer_name
         self.enqueue = enqueue or _enqueue_pipeline
-        self.touched: set[str] = set()
-        self.urgent: set[str] = set()
         self.consumer = StreamConsumer.from_settings(client, settings, "decision", consumer_name, self._handle)
         self.decisions_made = 0
 
@@ -101,58 +205,51 @@ class DecisionService:
 
     # --- the loop -----------------------------------------------------------------------
     def _handle(self, events: list[CloudEvent], pipe) -> None:
-        touched, urgent = record_events(self.keys, events, pipe)
-        self.touched |= touched
-        self.urgent |= urgent
+        # Recording also schedules the touched models (due now), in the bus's transaction.
+        record_events(self.keys, events, pipe, schedule=True)
 
     def run(self) -> None:
+        """Consume the stream and evaluate the due models after each batch, until :meth:`stop`."""
         self.consumer.run(idle_callback=self.after_batch)
 
     def stop(self) -> None:
         self.consumer.stop()
 
     def after_batch(self) -> None:
-        """Schedule the models the batch touched, then evaluate every model that is due."""
-        now = time.time()
-        if self.touched or self.urgent:
-            pipe = self.redis.pipeline(transaction=False)
-            if self.touched:
-                pipe.zadd(self.keys.due(), {m: now for m in self.touched}, nx=True)
-            if self.urgent:
-                pipe.zadd(self.keys.due(), {m: now for m in self.urgent})
-            pipe.execute()
-            self.touched, self.urgent = set(), set()
-        self.evaluate_due(now)
+        """Evaluate every model that is due (the batch's models were made due when it was recorded)."""
+        self.evaluate_due(time.time())
 
     def evaluate_due(self, now: float | None = None) -> int:
+        """Evaluate (up to ``MAX_DUE_PER_ROUND``) due models; return the number of decisions made."""
         now = now or time.time()
-        due = [m.decode() for m in self.redis.zrangebyscore(self.keys.due(), "-inf", now, start=0,
-                                                               num=MAX_DUE_PER_ROUND)]
-        if not due:
-            return 0
+        with gc_paused():  # a round allocates per model; reference counting frees it (see gc_paused)
+            due = [m.decode() for m in self.redis.zrangebyscore(self.keys.due(), "-inf", now, start=0,
+                                                                   num=MAX_DUE_PER_ROUND)]
+            return self._evaluate_models(due, now) if due else 0
+
+    def _evaluate_models(self, due: list[str], now: float) -> int:
         token = f"{self.consumer_name}:{uuid.uuid4().hex[:8]}"
-        pipe = self.redis.pipeline(transaction=False)
-        for m in due:
-            pipe.set(self.keys.lock(m, "decide"), token, nx=True, px=LOCK_TTL_MS)
-        mine = [m for m, ok in zip(due, pipe.execute()) if ok]
-        if not mine:
+        try:
+            states = self.store.claim_and_load(due, token, LOCK_TTL_MS, now)
+        except BaseException:
+            self.store.release_locks(due, token)  # whichever of them the call took
+            raise
+        if not states:
             return 0
         try:
-            states = self.store.load(mine, now)
-            return self._evaluate(states, now)
-        finally:
-            pipe = self.redis.pipeline(transaction=False)
-            for m in mine:
-                pipe.delete(self.keys.lock(m, "decide"))
-            pipe.execute()
+            return self._evaluate(states, now, token)
+        except BaseException:
+            self.store.release_locks(list(states), token)  # harmless if the transaction already did
+            raise
 
     # --- one round of evaluations --------------------------------------------------------
-    def _evaluate(self, states: dict[str, StoredState], now: float) -> int:
+    def _evaluate(self, states: dict[str, StoredState], now: float, token: str | None = None) -> int:
         when = datetime.fromtimestamp(now, timezone.utc)
         pipe = self.redis.pipeline(transaction=True)
         events: list[CloudEvent] = []
         alerts: list[CloudEvent] = []
         to_start: list[dict[str, Any]] = []
+        finished: list[StoredState] = []
         made = 0
         for model, state in states.items():
             policy = self.policies.get(model)
@@ -160,7 +257,7 @@ class DecisionService:
                 record = self._record(model, state, now, action="suppress",
                                       reason=f"no policy for model {model!r} in {self.settings.policy_dir}")
                 self.store.write_record(pipe, record)
-                self.store.finish(pipe, state, now)
+                finished.append(state)
                 events.append(self._event("retrain.suppressed", record))
                 made += 1
                 continue
@@ -174,7 +271,7 @@ class DecisionService:
                 else:
                     pipe.zadd(self.keys.due(), {model: guarded.until.timestamp()})
                 continue
-            self.store.finish(pipe, state, now)
+            finished.append(state)
             for a in decision.alerts:
                 ev = alert_event(model, a.severity, a.name.replace("_", " "), a.message, trigger=a.trigger)
                 record_alert(pipe, self.keys, ev)
@@ -194,6 +291,11 @@ class DecisionService:
                 to_start.append(record)
             else:
                 events.append(self._event("retrain.suppressed", record))
+        # The bookkeeping of every evaluated model in one call; its keys are disjoint from the
+        # commands above (slot, records, alerts), so its place in the transaction is free.
+        self.store.finish_many(pipe, finished, now)
+        if token is not None:
+            self.store.release_locks(list(states), token, pipe=pipe)
         pipe.execute()
         if events or alerts:
             self.bus.publish_many(events + alerts)

@@ -13,10 +13,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from pydantic_core import from_json
+
 from config.keys import Keys
 from workers.decision.policy import GuardState
 from workers.decision.triggers import ModelSignals, UpstreamChanges
 
+TRAININGS_LOOKBACK_S = 86400 * 2
+"""Training start times read for the budget (at least its 24 hours)."""
+DRIFT_HISTORY_READ = 50
 ONE_SHOT_SIGNALS = ("schedule.tick", "retrain.requested")
 """Signals consumed by the decision that saw them (the others are latest-value state)."""
 STATE_SIGNALS = ("drift.data", "drift.concept", "performance.measured", "volume.accumulated")
@@ -46,6 +51,88 @@ end
 return remaining
 """
 
+# Many models at once, with the same per-model effect as FINISH_EVALUATION.
+FINISH_MANY = """
+-- KEYS: due, then (pending_events, guard, signals) per model
+-- ARGV: now, then per model: model, n_consumed, last_pending_seen, n_one_shot, (field, value) * n_one_shot
+local now = ARGV[1]
+local a = 2
+for k = 2, #KEYS, 3 do
+  local model, n, seen, shots = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
+  a = a + 4
+  if n > 0 then redis.call('LTRIM', KEYS[k], n, -1) end
+  if redis.call('LLEN', KEYS[k]) > 0 then
+    redis.call('HSET', KEYS[k + 1], 'first_pending', now)
+    redis.call('ZADD', KEYS[1], now, model)
+  else
+    local last = redis.call('HGET', KEYS[k + 1], 'last_pending')
+    if (not last) or last == seen then
+      redis.call('HDEL', KEYS[k + 1], 'first_pending', 'last_pending')
+    end
+    redis.call('ZREM', KEYS[1], model)
+  end
+  for i = a, a + 2 * shots - 1, 2 do
+    if redis.call('HGET', KEYS[k + 2], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[k + 2], ARGV[i]) end
+  end
+  a = a + 2 * shots
+end
+return (#KEYS - 1) / 3
+"""
+
+# Read everything one evaluation needs, for many models in one round trip. With a lock token,
+# first take each model's evaluation lock (SET NX PX) and read only the models whose lock it got
+# and that are still due (another worker may have evaluated one since the caller listed them).
+LOAD_STATES = """
+-- KEYS: due, then per model (lock, signals, drift_history, guard, trainings, pending_events, aliases, versions)
+-- ARGV: token ('' = no lock, no due check), lock ttl ms, trainings since (score), drift entries
+--   to read, now, then the model names (in KEYS order)
+local out = {}
+local token, ttl, since, ndrift, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) - 1, tonumber(ARGV[5])
+for k = 2, #KEYS, 8 do
+  local claimed = true
+  if token ~= '' then
+    if not redis.call('SET', KEYS[k], token, 'NX', 'PX', ttl) then
+      claimed = false
+    else
+      local due = redis.call('ZSCORE', KEYS[1], ARGV[5 + (k + 6) / 8])
+      if (not due) or tonumber(due) > now then
+        redis.call('DEL', KEYS[k])
+        claimed = false
+      end
+    end
+  end
+  if not claimed then
+    out[#out + 1] = false
+  else
+    local prod = redis.call('HGET', KEYS[k + 6], 'production')
+    if prod then prod = redis.call('HGET', KEYS[k + 7], prod) end
+    local signals = redis.call('HGETALL', KEYS[k + 1])
+    local drift = {}  -- the drift history only counts with a drift signal (model_signals)
+    for i = 1, #signals, 2 do
+      if signals[i] == 'drift.data' then drift = redis.call('LRANGE', KEYS[k + 2], 0, ndrift) end
+    end
+    out[#out + 1] = {
+      signals,
+      drift,
+      redis.call('HGETALL', KEYS[k + 3]),
+      redis.call('ZRANGEBYSCORE', KEYS[k + 4], since, '+inf', 'WITHSCORES'),
+      redis.call('LRANGE', KEYS[k + 5], 0, -1),
+      prod,
+    }
+  end
+end
+return out
+"""
+
+UNLOCK_MANY = """
+-- KEYS: lock keys ; ARGV: token. Delete each lock still held by this token.
+local n = 0
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[1] then redis.call('DEL', KEYS[i]); n = n + 1 end
+end
+return n
+"""
+
 RELEASE_PIPELINE = """
 -- KEYS: guard, due ; ARGV: pipeline_id, model, now
 if redis.call('HGET', KEYS[1], 'in_flight') ~= ARGV[1] then return 0 end
@@ -59,6 +146,14 @@ return 1
 """
 
 
+MAX_PARSED_SIGNALS = 200_000
+"""Bound of the parsed-signal cache (entries: one per model and signal type)."""
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _ts(value: Any) -> datetime | None:
     if value in (None, b"", ""):
         return None
@@ -70,6 +165,42 @@ def _dt(value: str | None) -> datetime | None:
         return None
     d = datetime.fromisoformat(value)
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKeys:
+    """The keys of one model that the decision worker touches (each built by :class:`Keys`)."""
+
+    history: str
+    signals: str
+    drift_history: str
+    pending_events: str
+    guard: str
+    trainings: str
+    aliases: str
+    versions: str
+    lock: str
+
+
+_MODEL_KEYS: dict[str, dict[str, ModelKeys]] = {}
+MAX_CACHED_MODEL_KEYS = 100_000
+
+
+def model_keys(keys: Keys, model: str) -> ModelKeys:
+    """The model's keys, built once per model by ``keys`` and then reused (a batch needs them per event)."""
+    by_model = _MODEL_KEYS.get(keys.prefix)  # per-model keys depend on the prefix only
+    if by_model is None:
+        by_model = _MODEL_KEYS[keys.prefix] = {}
+    cached = by_model.get(model)
+    if cached is None:
+        if len(by_model) >= MAX_CACHED_MODEL_KEYS:
+            by_model.clear()
+        cached = by_model[model] = ModelKeys(
+            history=keys.history(model), signals=keys.signals(model), drift_history=keys.drift_history(model),
+            pending_events=keys.pending_events(model), guard=keys.guard(model), trainings=keys.trainings(model),
+            aliases=keys.aliases(model), versions=keys.versions(model), lock=keys.lock(model, "decide"),
+        )
+    return cached
 
 
 @dataclass
@@ -156,44 +287,79 @@ class DecisionStore:
     def __init__(self, client, keys: Keys):
         self.redis = client
         self.keys = keys
-        self._finish = client.register_script(FINISH_EVALUATION)
+        self._load = client.register_script(LOAD_STATES)
         self._release = client.register_script(RELEASE_PIPELINE)
+        self._parsed: dict[tuple[str, str], tuple[bytes, dict[str, Any]]] = {}
+        """(model, signal type) -> (stored payload, parsed): see :meth:`_signal`."""
 
     def load(self, models: list[str], now: float | None = None) -> dict[str, StoredState]:
-        """Read the state of many models in two pipelined round trips."""
-        now = now or time.time()
-        k = self.keys
-        pipe = self.redis.pipeline(transaction=False)
+        """Read the state of many models (one script call, plus nothing else)."""
+        return self._load_states(models, "", 0, now or time.time())
+
+    def claim_and_load(self, models: list[str], token: str, ttl_ms: int,
+                       now: float | None = None) -> dict[str, StoredState]:
+        """Take each model's evaluation lock (``token``, ``ttl_ms``) and read the state of those locked.
+
+        One round trip. Models whose lock another worker holds, or that are no longer due at
+        ``now`` (another worker evaluated them meanwhile), are left out of the result; release
+        the others with :meth:`release_locks`.
+        """
+        return self._load_states(models, token, ttl_ms, now or time.time())
+
+    def release_locks(self, models: list[str], token: str, pipe=None) -> int | None:
+        """Release the evaluation locks of ``models`` that ``token`` still holds (or queue that into ``pipe``)."""
+        if not models:
+            return 0
+        locks = [model_keys(self.keys, m).lock for m in models]
+        if pipe is not None:
+            pipe.eval(UNLOCK_MANY, len(locks), *locks, token)
+            return None
+        return int(self.redis.eval(UNLOCK_MANY, len(locks), *locks, token))
+
+    def _load_states(self, models: list[str], token: str, ttl_ms: int, now: float) -> dict[str, StoredState]:
+        if not models:
+            return {}
+        script_keys: list[str] = [self.keys.due()]
         for m in models:
-            pipe.hgetall(k.signals(m))
-            pipe.lrange(k.drift_history(m), 0, 49)
-            pipe.hgetall(k.guard(m))
-            pipe.zrangebyscore(k.trainings(m), now - 86400 * 2, "+inf", withscores=True)
-            pipe.lrange(k.pending_events(m), 0, -1)
-            pipe.hget(k.aliases(m), "production")
-        replies = pipe.execute()
+            mk = model_keys(self.keys, m)
+            script_keys += (mk.lock, mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
+                            mk.aliases, mk.versions)
+        replies = self._load(keys=script_keys, args=[token, ttl_ms, repr(now - TRAININGS_LOOKBACK_S),
+                                                     DRIFT_HISTORY_READ, repr(now), *models])
         out: dict[str, StoredState] = {}
-        prod_pipe = self.redis.pipeline(transaction=False)
-        with_prod = []
-        for i, m in enumerate(models):
-            sig, drift, guard, trainings, pending, prod_version = replies[i * 6:(i + 1) * 6]
-            state = StoredState(
+        signal = self._signal
+        for m, reply in zip(models, replies):
+            if not reply:
+                continue
+            sig, drift, guard, trainings, pending, production = reply
+            raw_signals = {_str(t): v for t, v in zip(sig[::2], sig[1::2])}
+            out[m] = StoredState(
                 model=m,
-                signals={t.decode(): json.loads(v) for t, v in sig.items()},
+                signals={t: signal(m, t, v) for t, v in raw_signals.items()},
                 drift_history=[float(x) for x in reversed(drift)],
-                guard={a.decode(): b.decode() for a, b in guard.items()},
-                trainings=[(p.decode(), float(t)) for p, t in trainings],
-                pending_ids=[p.decode() for p in pending],
-                raw_signals={t.decode(): v for t, v in sig.items()},
+                guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
+                trainings=[(_str(p), float(t)) for p, t in zip(trainings[::2], trainings[1::2])],
+                pending_ids=[_str(p) for p in pending],
+                production=json.loads(production) if production else None,
+                raw_signals=raw_signals,
             )
-            out[m] = state
-            if prod_version:
-                prod_pipe.hget(k.versions(m), prod_version)
-                with_prod.append(m)
-        if with_prod:
-            for m, raw in zip(with_prod, prod_pipe.execute()):
-                out[m].production = json.loads(raw) if raw else None
         return out
+
+    def _signal(self, model: str, etype: str, raw: bytes) -> dict[str, Any]:
+        """The stored signal event as a dict, parsed once per stored value.
+
+        The latest signals of a model change one at a time, so most evaluations find most of
+        them unchanged since the last one. The dicts are shared: treat them as read-only.
+        """
+        key = (model, etype)
+        cached = self._parsed.get(key)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        parsed = from_json(raw)
+        if len(self._parsed) >= MAX_PARSED_SIGNALS:
+            self._parsed.clear()
+        self._parsed[key] = (raw, parsed)
+        return parsed
 
     def finish(self, pipe, state: StoredState, now: float) -> None:
         """Queue the post-evaluation bookkeeping (consumed pending ids, one-shot signals)."""
@@ -201,8 +367,25 @@ class DecisionStore:
         for field_name, value in state.one_shot_fields():
             args += [field_name, value]
         k = self.keys
-        self._finish(keys=[k.pending_events(state.model), k.guard(state.model), k.due(), k.signals(state.model)],
-                     args=args, client=pipe)
+        # EVAL (not EVALSHA) inside transactions: see service.RECORD_BATCH.
+        pipe.eval(FINISH_EVALUATION, 4, k.pending_events(state.model), k.guard(state.model), k.due(),
+                  k.signals(state.model), *args)
+
+    def finish_many(self, pipe, states: list[StoredState], now: float) -> None:
+        """Queue :meth:`finish` for many models as one script call."""
+        if not states:
+            return
+        script_keys: list[str] = [self.keys.due()]
+        args: list[Any] = [f"{now:.6f}"]
+        for state in states:
+            m = state.model
+            mk = model_keys(self.keys, m)
+            script_keys += (mk.pending_events, mk.guard, mk.signals)
+            shots = state.one_shot_fields()
+            args += (m, len(state.pending_ids), state.guard.get("last_pending", ""), len(shots))
+            for field_name, value in shots:
+                args += (field_name, value)
+        pipe.eval(FINISH_MANY, len(script_keys), *script_keys, *args)
 
     def take_slot(self, pipe, model: str, pipeline_id: str, now: float) -> None:
         """Queue: mark a pipeline in flight and count it against the budget and cooldown."""
@@ -251,4 +434,4 @@ def clear_production_signals(pipe, keys: Keys, model: str) -> None:
     pipe.delete(keys.drift_history(model))
 
 
-__all__ = ["DecisionStore", "StoredState", "clear_production_signals", "timedelta"]
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "clear_production_signals", "model_keys", "timedelta"]
