@@ -562,15 +562,25 @@ def _now(now: datetime | None) -> datetime:
     return now if now is not None else datetime.now(UTC)
 
 
+def _operator(state: RolloutState, who: str, now: datetime | None, *, active: bool = True) -> tuple[str, datetime]:
+    """Validate an operator action's who and time; refuse it on a finished rollout when ``active``."""
+    who, now = _who(who), _now(now)
+    if active and not state.active:
+        raise TransitionError(f"rollout of {state.model} is already {state.status}")
+    return who, now
+
+
+def _by(verb: str, who: str, why: str) -> str:
+    return f"{verb} by {who}" + (f": {why}" if why else "")
+
+
 def promote(
     state: RolloutState, who: str, why: str = "", now: datetime | None = None
 ) -> tuple[RolloutState, list[Action]]:
     """Operator: make the candidate production now, skipping the remaining phases."""
-    who, now = _who(who), _now(now)
-    if not state.active:
-        raise TransitionError(f"rollout of {state.model} is already {state.status}")
+    who, now = _operator(state, who, now)
     new = _transition(state, now)
-    return _complete(new, now, _DEFAULT_ROLLOUT, who, why, reason=f"promoted by {who}" + (f": {why}" if why else ""))
+    return _complete(new, now, _DEFAULT_ROLLOUT, who, why, reason=_by("promoted", who, why))
 
 
 def rollback(
@@ -581,49 +591,43 @@ def rollback(
     Also allowed after completion (the candidate became production): traffic returns to the
     version that was production before this rollout.
     """
-    who, now = _who(who), _now(now)
+    who, now = _operator(state, who, now, active=False)
     if state.status in ("rolled_back", "aborted"):
         raise TransitionError(f"rollout of {state.model} is already {state.status}")
     new = _transition(state, now)
-    return _rolled_back(new, now, _DEFAULT_ROLLOUT, f"manual rollback by {who}" + (f": {why}" if why else ""),
-                        who, why)
+    return _rolled_back(new, now, _DEFAULT_ROLLOUT, _by("manual rollback", who, why), who, why)
 
 
 def abort(
     state: RolloutState, who: str, why: str = "", now: datetime | None = None
 ) -> tuple[RolloutState, list[Action]]:
     """Operator: stop the rollout and return traffic to production, without judging the candidate."""
-    who, now = _who(who), _now(now)
-    if not state.active:
-        raise TransitionError(f"rollout of {state.model} is already {state.status}")
+    who, now = _operator(state, who, now)
     new = _transition(state, now)
-    return _rolled_back(new, now, _DEFAULT_ROLLOUT, f"aborted by {who}" + (f": {why}" if why else ""),
-                        who, why, aborted=True)
+    return _rolled_back(new, now, _DEFAULT_ROLLOUT, _by("aborted", who, why), who, why, aborted=True)
 
 
 def pause(
     state: RolloutState, who: str, why: str = "", now: datetime | None = None
 ) -> tuple[RolloutState, list[Action]]:
     """Operator: stop advancing (traffic stays; a rollback verdict still rolls back)."""
-    who, now = _who(who), _now(now)
-    if not state.active:
-        raise TransitionError(f"rollout of {state.model} is already {state.status}")
+    who, now = _operator(state, who, now)
     if state.paused:
         raise TransitionError(f"rollout of {state.model} is already paused")
     new = _transition(state, now)
-    return _pause(new, now, f"paused by {who}" + (f": {why}" if why else ""), who, why)
+    return _pause(new, now, _by("paused", who, why), who, why)
 
 
 def resume(
     state: RolloutState, who: str, why: str = "", now: datetime | None = None
 ) -> tuple[RolloutState, list[Action]]:
     """Operator: continue a paused rollout; the phase's evidence wait starts afresh."""
-    who, now = _who(who), _now(now)
+    who, now = _operator(state, who, now, active=False)
     if not state.paused or not state.active:
         raise TransitionError(f"rollout of {state.model} is not paused (status {state.status})")
     new = _transition(state, now)
     new.status = new.paused_from or "progressive"  # type: ignore[assignment]
     new.paused, new.paused_from, new.waiting_since = False, None, None
-    new.reason = f"resumed by {who}" + (f": {why}" if why else "")
+    new.reason = _by("resumed", who, why)
     _mark(new, now, "resume", who, why)
     return new, [Emit(EVENT_RESUMED, _event_data(new, resumed=True, who=who, why=why, manual=True))]
