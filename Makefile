@@ -26,7 +26,7 @@ bench: $(STAMP)
 
 # Regenerate the lock file (needs `uv` on PATH; only maintainers run this).
 lock:
-	uv pip compile pyproject.toml --extra test --python-version 3.11 --generate-hashes -o requirements.lock
+	uv pip compile pyproject.toml --extra test --extra sql --python-version 3.11 --generate-hashes -o requirements.lock
 
 clean:
 	rm -rf $(VENV) .retrain .pytest_cache

@@ -31,7 +31,10 @@ class ModelSection(_Section):
 
 class DataSection(_Section):
     source: str = ""
-    """A path glob (``data/churn/*.parquet``) or URI of Parquet/CSV files."""
+    """A path glob (``data/churn/*.parquet``) or URI of Parquet/CSV files, or a SQLAlchemy
+    database URL (with the ``sql`` extra) read with ``query``."""
+    query: str = ""
+    """For a database source: SQL with ``:start``/``:end`` bound to the window, or ``table:NAME``."""
     time_column: str = "timestamp"
     window: Duration = timedelta(days=90)
     """Training window: rows newer than ``now - window``."""

@@ -250,3 +250,32 @@ class TestSearch:
         policy = _policy(search={"space": {"max_dept": [2, 3]}})
         with pytest.raises(TrainingError, match="max_dept"):
             train_candidate(make_frame("binary", 300, seed=0), policy)
+
+
+class TestSqlSource:
+    def test_database_window_is_read_through_sqlalchemy_with_bound_times(self, tmp_path):
+        """A sqlite:/// source with table:NAME reads only the window's rows, sorted and in UTC."""
+        import sqlite3
+        from datetime import datetime, timedelta, timezone
+
+        from workers.training.data import DataError, is_sql_source, load_window
+
+        db = tmp_path / "events.db"
+        now = datetime(2026, 1, 10, tzinfo=timezone.utc)
+        with sqlite3.connect(db) as conn:
+            conn.execute("CREATE TABLE events (ts TIMESTAMP, x REAL, y INTEGER)")
+            conn.executemany("INSERT INTO events VALUES (?, ?, ?)",
+                             [((now - timedelta(days=d)).isoformat(sep=" "), float(d), d % 2)
+                              for d in range(0, 40)])
+        source = f"sqlite:///{db}"
+        assert is_sql_source(source) and not is_sql_source(str(tmp_path / "*.parquet"))
+        win = load_window(source, "ts", timedelta(days=10), now=now, query="table:events")
+        assert len(win.frame) == 11 and win.frame["ts"].is_monotonic_increasing
+        assert str(win.frame["ts"].dt.tz) == "UTC"
+        custom = load_window(source, "ts", timedelta(days=10), now=now,
+                             query="SELECT ts, x FROM events WHERE ts >= :start AND ts <= :end AND y = 0")
+        assert len(custom.frame) == 6 and list(custom.frame.columns) == ["ts", "x"]
+        with pytest.raises(DataError, match="needs \\[data\\] query"):
+            load_window(source, "ts", timedelta(days=10), now=now)
+        with pytest.raises(DataError, match="database source"):
+            load_window(source, "ts", timedelta(days=10), now=now, query="table:nope")

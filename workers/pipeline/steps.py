@@ -124,7 +124,8 @@ def validate_data(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
         raise PipelineStepFailed(f"policy of {model} has no [data] source")
     since = ctx.get("drift_onset") if policy.data.window_from_drift_onset else None
     try:
-        window = load_window(policy.data.source, policy.data.time_column, policy.data.window, since=since)
+        window = load_window(policy.data.source, policy.data.time_column, policy.data.window, since=since,
+                             query=policy.data.query)
     except DataError as exc:
         raise ValidationFailed(f"cannot read training data: {exc}") from None
     production = env.production(model)

@@ -199,13 +199,19 @@ def load_window(
     now: datetime | str | None = None,
     since: datetime | str | None = None,
     columns: list[str] | None = None,
+    query: str = "",
 ) -> WindowData:
     """Read the rows of ``source`` whose time lies in ``[start, now]``, pruning what it can.
 
     Parameters
     ----------
     source
-        Path glob, directory or ``file://`` URI of Parquet/CSV files.
+        Path glob, directory or ``file://`` URI of Parquet/CSV files; or a SQLAlchemy database
+        URL (``postgresql://...``, ``sqlite:///x.db``; needs the ``sql`` extra), read with
+        ``query`` and the window bound as ``:start`` / ``:end`` (the database prunes).
+    query
+        For a database source: SQL selecting the rows, e.g. ``SELECT * FROM events WHERE ts >=
+        :start AND ts <= :end``; ``table:NAME`` is shorthand for exactly that on NAME.
     time_column
         Column holding each row's event time.
     window
@@ -228,6 +234,8 @@ def load_window(
     if since is not None:
         since_ts = to_utc(since)
         start = since_ts if start is None else max(start, since_ts)
+    if is_sql_source(source):
+        return _load_sql_window(source, time_column, start, end, columns, query)
     frames: list[pd.DataFrame] = []
     out = WindowData(frame=pd.DataFrame(), start=start.to_pydatetime() if start is not None else None, end=end.to_pydatetime())
     for path in list_files(source):
@@ -263,6 +271,53 @@ def load_window(
         frame = pd.DataFrame()
     out.frame = frame
     return out
+
+
+SQL_SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "sqlite", "mssql", "oracle", "duckdb", "snowflake")
+
+
+def is_sql_source(source: str) -> bool:
+    """A SQLAlchemy database URL rather than files (``postgresql+psycopg://...``, ``sqlite:///x.db``)."""
+    scheme = urlparse(source).scheme.split("+", 1)[0].lower()
+    return scheme in SQL_SCHEMES
+
+
+def _load_sql_window(source: str, time_column: str, start, end, columns, query: str) -> WindowData:
+    """Read a window from a database through SQLAlchemy (an optional extra: ``pip install retrain[sql]``)."""
+    try:
+        import sqlalchemy as sa
+    except ImportError:
+        raise DataError("a database source needs SQLAlchemy: install the 'sql' extra") from None
+    if not query:
+        raise DataError("a database source needs [data] query (SQL with :start and :end), or 'table:NAME'")
+    if query.startswith("table:"):
+        table = query.removeprefix("table:").strip()
+        if not table.replace("_", "").replace(".", "").isalnum():
+            raise DataError(f"bad table name {table!r}")
+        query = f"SELECT * FROM {table} WHERE {time_column} >= :start AND {time_column} <= :end"
+    lower = (start if start is not None else pd.Timestamp("1970-01-01", tz="UTC"))
+    try:
+        engine = sa.create_engine(source)
+        with engine.connect() as conn:
+            frame = pd.read_sql(sa.text(query), conn, params={"start": lower.to_pydatetime(), "end": end.to_pydatetime()})
+    except (sa.exc.SQLAlchemyError, pd.errors.DatabaseError) as exc:  # pandas wraps execution errors
+        raise DataError(f"database source: {str(exc).splitlines()[0]}") from None
+    finally:
+        try:
+            engine.dispose()
+        except UnboundLocalError:
+            pass
+    if time_column not in frame.columns:
+        raise DataError(f"database source: no time column '{time_column}' in the query's result")
+    if columns:
+        frame = frame[[c for c in dict.fromkeys([*columns, time_column]) if c in frame.columns]]
+    frame[time_column] = _time_series_utc(frame[time_column], time_column, "database")
+    mask = frame[time_column] <= end
+    if start is not None:
+        mask &= frame[time_column] >= start
+    frame = frame.loc[mask].sort_values(time_column, kind="stable").reset_index(drop=True)
+    return WindowData(frame=frame, start=start.to_pydatetime() if start is not None else None,
+                      end=end.to_pydatetime(), files_read=[urlparse(source).scheme + "://(database)"])
 
 
 @dataclass(frozen=True)
