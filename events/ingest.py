@@ -371,4 +371,13 @@ def create_app(
             ok = False
         return JSONResponse({"status": "ok" if ok else "unavailable", "redis": ok}, status_code=200 if ok else 503)
 
+    @app.get("/metrics", summary="Prometheus metrics (events accepted/rejected by source)")
+    def metrics():
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        import workers.metrics  # noqa: F401 - registers the metric families
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
     return app

@@ -444,6 +444,18 @@ class TestEvidently:
 
 
 class TestHealthAndOpenAPI:
+    def test_metrics_count_accepted_events(self, http):
+        """/metrics exposes retrain_ingest_events_total, which grows with accepted events."""
+        def accepted():
+            for line in http.get("/metrics").text.splitlines():
+                if line.startswith('retrain_ingest_events_total{outcome="accepted",source="http"}'):
+                    return float(line.split()[-1])
+            return 0.0
+
+        before = accepted()
+        assert http.post("/events", json=event_json(), headers=AUTH).status_code == 202
+        assert accepted() == before + 1
+
     def test_healthz_reports_redis(self, http, redis_server, keys):
         """/healthz is 200 with Redis up (no token needed) and 503 when Redis is unreachable."""
         r = http.get("/healthz")
