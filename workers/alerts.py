@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from typing import Any
 
 import structlog
@@ -83,4 +82,3 @@ def recent_alerts(client, keys: Keys, model: str, limit: int = 10) -> list[dict[
     return out
 
 
-__all__ = ["alert_event", "notify_webhook", "raise_alert", "recent_alerts", "record_alert", "time"]

@@ -17,7 +17,7 @@ core functions the workers run, and no server:
    * *monitoring snapshot*, the way the monitors build it: data drift of the batch against the
      serving model's reference profile (:func:`~events.monitors.drift.check_drift` with the
      policy's ``[drift]`` settings; the drift history for k-of-n persistence restarts with each
-     new production model, like ``clear_production_signals``), performance = live accuracy on
+     new production model, as the decision worker does), performance = live accuracy on
      ``n_labeled`` labels against the model's baseline, volume = rows newer than the serving
      model's training data, age from the batch times, ``schedule.tick`` for an interval
      ``[triggers] schedule`` and, when asked for (``concept_drift=True``; no built-in monitor

@@ -49,7 +49,7 @@ SOURCE = "urn:retrain:decision"
 
 
 CLEARED_BY_PROMOTION = (*STATE_SIGNALS, "upstream.changed")
-"""Signal types ``clear_production_signals`` deletes (measured against the previous production model)."""
+"""Signal types a ``rollout.completed`` deletes: they were measured against the previous production model."""
 
 # The whole batch's state updates in one call. Per model, in this order: make it due, append
 # the events to the model's history, delete the signals a promotion cleared, set the latest
@@ -119,7 +119,7 @@ def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool 
 
     Every event goes to its model's history; signals update the latest value per type, the
     drift history and the pending ids and window; ``rollout.completed`` clears the signals
-    measured against the previous production model (as :func:`clear_production_signals`).
+    measured against the previous production model (:data:`CLEARED_BY_PROMOTION`).
     With ``schedule``, the same call makes the models with new signals due now (unless they
     are due already; a manual request makes its model due now regardless), so recording and
     scheduling commit together.

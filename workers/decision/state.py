@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic_core import from_json
@@ -428,10 +428,4 @@ class DecisionStore:
         return [json.loads(r) for r in pipe.execute() if r]
 
 
-def clear_production_signals(pipe, keys: Keys, model: str) -> None:
-    """After a new production model: signals measured against the old one no longer apply."""
-    pipe.hdel(keys.signals(model), *STATE_SIGNALS, "upstream.changed")
-    pipe.delete(keys.drift_history(model))
-
-
-__all__ = ["DecisionStore", "ModelKeys", "StoredState", "clear_production_signals", "model_keys", "timedelta"]
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys"]
