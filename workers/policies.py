@@ -20,6 +20,8 @@ class PolicyStore:
         self.policy_dir = Path(policy_dir)
         self.default_path = Path(default_policy) if default_policy else None
         self._by_model: dict[str, Policy] = {}
+        self._derived: dict[str, Policy] = {}
+        """Copies of the default policy for models without a file (rebuilt after a rescan)."""
         self._errors: dict[str, str] = {}
         self._default: Policy | None = None
         self._stamp: tuple = ()
@@ -63,20 +65,22 @@ class PolicyStore:
             except PolicyError as exc:
                 errors[str(self.default_path)] = str(exc)
         self._by_model, self._errors, self._default, self._stamp = by_model, errors, default, stamp
+        self._derived = {}
 
     def get(self, model: str) -> Policy | None:
         with self._lock:
             self._scan()
-            policy = self._by_model.get(model)
+            policy = self._by_model.get(model) or self._derived.get(model)
             if policy is None and self._default is not None:
                 policy = self._default.model_copy(update={"model": self._default.model.model_copy(update={"name": model})})
-                self._by_model[model] = policy
+                self._derived[model] = policy
             return policy
 
     def all(self) -> dict[str, Policy]:
+        """Every model that has its own policy file (not those served by the default policy)."""
         with self._lock:
             self._scan(force=True)
-            return {m: p for m, p in self._by_model.items() if p is not self._default}
+            return dict(self._by_model)
 
     @property
     def errors(self) -> dict[str, str]:
