@@ -83,3 +83,19 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
         return 130
     # typer returns the code of an explicit ``typer.Exit(code)`` in non-standalone mode.
     return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def connect():
+    """A Redis client (pinged) and the key schema, or one clear error line and exit 2."""
+    from config.keys import keys_from_settings
+    from config.settings import get_settings
+    from workers.connections import NoRedisConfigured, get_redis
+
+    try:
+        client = get_redis()
+        client.ping()
+    except NoRedisConfigured as exc:
+        fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - connection problems are one line
+        fail(f"cannot reach Redis: {exc}")
+    return client, keys_from_settings(get_settings())

@@ -7,7 +7,7 @@ import getpass
 import typer
 
 from workers.cli._common import console, fail, print_json
-from workers.cli.cmd_explain import connect
+from workers.cli._common import connect
 
 
 def _who(who: str | None) -> str:

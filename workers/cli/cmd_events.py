@@ -7,21 +7,14 @@ from pathlib import Path
 
 import typer
 
-from workers.cli._common import console, fail, print_json
+from workers.cli._common import connect, console, fail, print_json
 
 
 def _bus():
     from config.settings import get_settings
     from events.bus import EventBus
-    from workers.connections import NoRedisConfigured, get_redis
 
-    try:
-        client = get_redis()
-        client.ping()
-    except NoRedisConfigured as exc:
-        fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - connection problems are one line
-        fail(f"cannot reach Redis: {exc}")
+    client, _ = connect()
     return EventBus.from_settings(client, get_settings())
 
 

@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from workers.cli._common import console, fail, print_json
-
-
-def connect():
-    """A Redis client and the key schema, or one clear error line."""
-    from config.keys import keys_from_settings
-    from config.settings import get_settings
-    from workers.connections import NoRedisConfigured, get_redis
-
-    try:
-        client = get_redis()
-        client.ping()
-    except NoRedisConfigured as exc:
-        fail(str(exc))
-    except Exception as exc:  # noqa: BLE001
-        fail(f"cannot reach Redis: {exc}")
-    return client, keys_from_settings(get_settings())
+from workers.cli._common import connect, console, fail, print_json
 
 
 def render_decision(record: dict) -> None:

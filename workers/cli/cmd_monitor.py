@@ -3,7 +3,7 @@ from __future__ import annotations
 import typer
 
 from workers.cli._common import console, fail, print_json
-from workers.cli.cmd_explain import connect
+from workers.cli._common import connect
 
 
 def register(app: typer.Typer) -> None:

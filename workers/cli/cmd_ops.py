@@ -415,7 +415,7 @@ def render_models(models: list[dict[str, Any]]) -> None:
 
 # --------------------------------------------------------------------------- commands
 def register(app: typer.Typer) -> None:
-    from workers.cli.cmd_explain import connect
+    from workers.cli._common import connect
 
     @app.command("status")
     def status(

@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print what was drawn as one JSON object."),
     ) -> None:
         """Draw the live metric and drift with decisions, trainings, gate, rollout phases and rollbacks marked."""
-        from workers.cli.cmd_explain import connect
+        from workers.cli._common import connect
         from workers.cli.cmd_ops import require_model, time_bounds
         from workers.timeline import TimelineError, load_events, render_timeline
 
