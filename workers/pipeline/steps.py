@@ -67,11 +67,9 @@ class _Env:
         return d
 
     def emit(self, ctx: dict[str, Any], etype: str, **data: Any) -> None:
-        base = {"pipeline_id": ctx["pipeline_id"], "decision_id": ctx.get("decision_id")}
-        if etype.startswith("gate."):
-            base = {"pipeline_id": ctx["pipeline_id"]}
-        if etype == "model.staged":
-            base = {"pipeline_id": ctx["pipeline_id"]}
+        base = {"pipeline_id": ctx["pipeline_id"]}
+        if etype.startswith("training."):
+            base["decision_id"] = ctx.get("decision_id")
         event = new_event(etype, ctx["model"], {**base, **data}, source=SOURCE, id=f"{ctx['pipeline_id']}:{etype}")
         self.bus.publish(event)
 
