@@ -203,6 +203,23 @@ class TestDecisions:
         assert rec["action"] == "suppress" and "no policy" in rec["reason"]
 
 
+class TestWarmUp:
+    WARM_UP = ("import gc; from workers.decision.service import DecisionService; "
+               "DecisionService.from_settings('warm-up-test').warm_up(); print(gc.get_freeze_count())")
+
+    def test_warm_up_declares_the_pipeline_queues_and_freezes_the_heap(self, redis_server, redis_client):
+        """A fresh service's warm-up declares the training queues on the broker and moves its heap out of the collector's reach."""
+        for key in redis_client.keys("_kombu.binding*"):
+            redis_client.delete(key)
+        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
+        out = subprocess.run([sys.executable, "-c", self.WARM_UP], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout.split()[-1]) > 10_000  # Celery, the tasks and what they import
+        bound = {m.split(b"\x06\x16")[-1] for m in redis_client.smembers("_kombu.binding.decision")}
+        assert {b"training.high", b"training.low", b"gate", b"rollout"} <= bound
+
+
 def _model_state(client, keys, model):
     """The recorded per-model state, without the times that depend on when it was written."""
     guard = client.hgetall(keys.guard(model))

@@ -49,6 +49,23 @@ def build_pipeline(ctx: dict[str, Any]):
     return canvas.on_error(tasks.pipeline_failed.s(ctx))
 
 
+def warm_up() -> None:
+    """Pay what the first enqueue would: load the tasks, open the broker connection, declare the queues.
+
+    Without it the first decision a fresh decision worker starts waits tens of milliseconds
+    for imports, the connection and the queue declarations.
+    """
+    from kombu.common import maybe_declare
+
+    from workers.app import app
+
+    build_pipeline(pipeline_context({"model": "warm-up", "pipeline_id": "p-warm-up", "id": "d-warm-up"}))
+    with app.producer_or_acquire() as producer:
+        producer.connection.ensure_connection(max_retries=3)
+        for queue in app.amqp.queues.values():
+            maybe_declare(queue, producer.channel)  # remembered per connection: the first send skips it
+
+
 def start_pipeline(record: dict[str, Any]):
     """Enqueue the pipeline for a decision record that took the model's single-flight slot."""
     return build_pipeline(pipeline_context(record)).apply_async()
