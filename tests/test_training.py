@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gate_helpers import make_frame  # noqa: E402
 
 from config.policy import policy_from_dict  # noqa: E402
-from workers.training.data import DataError, load_window, partition_bounds, read_frame, time_holdout  # noqa: E402
+from workers.training.data import DataError, load_window, read_frame, time_holdout  # noqa: E402
 from workers.training.fit import (  # noqa: E402
     TrainingError,
     build_estimator,
@@ -92,13 +92,6 @@ class TestLoadWindow:
         out = load_window(str(tmp_path), "date", timedelta(days=3), now=NOW)
         assert len(out.frame) == 24 and (out.frame["date"] == pd.Timestamp("2024-01-09", tz="UTC")).all()
         assert len(out.files_pruned) == 1
-
-    def test_partition_bounds(self):
-        """date= and year=/month=/day= path segments map to day ranges; other paths to None."""
-        assert partition_bounds("/d/date=2024-01-05/p.parquet")[0] == pd.Timestamp("2024-01-05", tz="UTC")
-        lo, hi = partition_bounds("/d/year=2024/month=02/day=29/p.parquet")
-        assert (lo, hi) == (pd.Timestamp("2024-02-29", tz="UTC"), pd.Timestamp("2024-03-01", tz="UTC"))
-        assert partition_bounds("/d/p.parquet") is None
 
     def test_read_frame_reads_all_files(self, tmp_path):
         """read_frame (the offline tools' reader) concatenates Parquet and CSV files."""

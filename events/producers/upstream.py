@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from events.envelope import CloudEvent, new_event
-from events.producers.volume import VolumeError, _format_of, expand_source
+from events.producers.volume import VolumeError, expand_source
 from events.types import UpstreamChanged
+from workers.datafiles import csv_delimiter, file_format
 
 SOURCE = "urn:retrain:monitor:upstream"
 CSV_SAMPLE_BYTES = 1 << 20
@@ -84,7 +85,7 @@ def schema_of_source(source_glob: str) -> dict[str, str]:
     order (partition directories and date-stamped names sort by time).
     """
     path = expand_source(source_glob)[-1]
-    if _format_of(path) == "parquet":
+    if file_format(path) == "parquet":
         import pyarrow.parquet as pq
 
         schema = pq.read_schema(path)
@@ -103,9 +104,8 @@ def _csv_schema(path: Path) -> dict[str, str]:
         sample = fh.read(CSV_SAMPLE_BYTES)
     if len(sample) == CSV_SAMPLE_BYTES and b"\n" in sample:
         sample = sample[: sample.rindex(b"\n") + 1]  # whole lines only
-    delimiter = "\t" if path.name.lower().endswith(".tsv") else ","
     try:
-        table = csv.read_csv(io.BytesIO(sample), parse_options=csv.ParseOptions(delimiter=delimiter))
+        table = csv.read_csv(io.BytesIO(sample), parse_options=csv.ParseOptions(delimiter=csv_delimiter(path)))
     except pa.ArrowInvalid as exc:
         raise VolumeError(f"{path}: cannot read CSV header ({exc})") from None
     return {f.name: str(f.type) for f in table.schema}

@@ -2,9 +2,10 @@
 
 The count never scans the whole source:
 
-1. **Partition pruning.** Files under a hive partition directory named by a date
-   (``date=2024-05-01``, ``dt=``, ``day=``, ``ds=``, ``event_date=`` or ``<time_column>=``)
-   whose day ends at or before ``since`` are never opened.
+1. **Partition pruning.** Files under hive partition directories (``date=2024-05-01``,
+   ``dt=``, ``ds=``, ``<time_column>=``, ``year=/month=/day=``; :mod:`workers.datafiles`,
+   shared with training, so the monitor counts the files training reads) whose range ends
+   at or before ``since`` are never opened.
 2. **Row-group pruning (Parquet).** Through ``pyarrow.dataset``, only row groups whose
    time-column statistics may hold rows newer than ``since`` are kept
    (``ParquetFileFragment.split_by_row_group(filter=...)``). A kept row group whose minimum is
@@ -18,10 +19,8 @@ tests use to prove the pruning; :func:`count_new_rows` returns just the number.
 
 from __future__ import annotations
 
-import glob
-import re
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -31,13 +30,9 @@ import pyarrow.fs as pafs
 
 from events.envelope import CloudEvent, new_event
 from events.types import VolumeAccumulated
+from workers.datafiles import SourceError, csv_delimiter, file_format, list_data_files, partition_bounds
 
 SOURCE = "urn:retrain:monitor:volume"
-PARTITION_DATE_KEYS = ("date", "dt", "day", "ds", "event_date")
-"""Hive partition keys read as a day (plus the time column's own name)."""
-PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
-CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".tsv")
-_PARTITION = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\d{4}-\d{2}-\d{2})$")
 
 
 class VolumeError(ValueError):
@@ -66,39 +61,10 @@ class VolumeScan:
 
 def expand_source(source_glob: str) -> list[Path]:
     """The data files a policy's ``data.source`` names (a glob, a file or a directory), sorted."""
-    source = source_glob.removeprefix("file://")
-    if any(ch in source for ch in "*?["):
-        paths = [Path(p) for p in glob.glob(source, recursive=True)]
-    elif Path(source).is_dir():
-        paths = [p for p in Path(source).rglob("*")]
-    else:
-        paths = [Path(source)] if Path(source).exists() else []
-    files = sorted(p for p in paths if p.is_file() and _format_of(p) is not None)
-    if not files:
-        raise VolumeError(f"no Parquet or CSV files match {source_glob!r}")
-    return files
-
-
-def _format_of(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if name.endswith(CSV_SUFFIXES):
-        return "csv"
-    return None
-
-
-def partition_day(path: Path, time_column: str) -> date | None:
-    """The day a hive partition directory in ``path`` stands for (``date=2024-05-01``), if any."""
-    keys = {*PARTITION_DATE_KEYS, time_column}
-    for part in path.parts[:-1]:
-        match = _PARTITION.match(part)
-        if match and match.group(1) in keys:
-            try:
-                return date.fromisoformat(match.group(2))
-            except ValueError:
-                return None
-    return None
+    try:
+        return [Path(p) for p in list_data_files(source_glob)]
+    except SourceError as exc:
+        raise VolumeError(str(exc)) from None
 
 
 def _utc(moment: datetime) -> datetime:
@@ -165,11 +131,10 @@ def _count_csv(path: Path, time_column: str, since: datetime, scan: VolumeScan) 
     from pyarrow import csv
 
     scan.files_opened += 1
-    delimiter = "\t" if path.name.lower().endswith(".tsv") else ","
     try:
         table = csv.read_csv(
             path,
-            parse_options=csv.ParseOptions(delimiter=delimiter),
+            parse_options=csv.ParseOptions(delimiter=csv_delimiter(path)),
             convert_options=csv.ConvertOptions(include_columns=[time_column], strings_can_be_null=True),
         )
     except KeyError:  # pyarrow.lib.ArrowKeyError: the column is not in the header
@@ -203,11 +168,11 @@ def scan_new_rows(source_glob: str, time_column: str, since: datetime) -> Volume
     scan = VolumeScan()
     for path in expand_source(source_glob):
         scan.files += 1
-        day = partition_day(path, time_column)
-        if day is not None and datetime.combine(day + timedelta(days=1), datetime.min.time(), timezone.utc) <= since:
+        bounds = partition_bounds(path, time_column)
+        if bounds is not None and bounds[1] <= since:
             scan.files_pruned += 1
             continue
-        if _format_of(path) == "parquet":
+        if file_format(path) == "parquet":
             scan.rows += _count_parquet(path, time_column, since, scan)
         else:
             scan.rows += _count_csv(path, time_column, since, scan)

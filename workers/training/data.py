@@ -4,8 +4,9 @@ Files are found by glob (``data/churn/**/*.parquet``, a directory, or a ``file:/
 Only the data inside the window is read, and as little as possible is opened to find it:
 
 1. **Hive partitions** — a path segment ``date=2024-05-01`` (also ``dt=``, ``day=``,
-   ``year=/month=/day=``) bounds the file's rows to that day; files of days before the window
-   start (or after its end) are skipped without being opened.
+   ``year=/month=/day=``; see :mod:`workers.datafiles`, which the volume monitor shares)
+   bounds the file's rows; files of days before the window start (or after its end) are
+   skipped without being opened.
 2. **Parquet statistics** — the footer holds min/max of the time column per row group; row
    groups (and so whole files) whose max is older than the window start are never read.
 3. Rows are then filtered exactly on the time column. CSV files have no statistics, so a CSV
@@ -17,22 +18,19 @@ files were read and which were pruned, so the pipeline can record the data's lin
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-DATA_SUFFIXES = (".parquet", ".pq", ".csv", ".csv.gz")
-PARTITION_DATE_KEYS = ("date", "dt", "day_date", "ds")
-"""Hive partition keys holding a whole date (``date=2024-05-01``)."""
+from workers.datafiles import SourceError, csv_delimiter, file_format, list_data_files, partition_bounds
+
 
 
 class DataError(ValueError):
@@ -65,28 +63,12 @@ class WindowData:
         }
 
 
-def _source_to_pattern(source: str) -> str:
-    parsed = urlparse(source)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if parsed.scheme and len(parsed.scheme) > 1:
-        raise DataError(f"{source}: unsupported data source scheme '{parsed.scheme}' (use a path glob)")
-    return source
-
-
 def list_files(source: str) -> list[str]:
-    """Expand a glob, directory or ``file://`` URI to the sorted list of Parquet/CSV files."""
-    if not source:
-        raise DataError("no data source configured ([data] source)")
-    pattern = _source_to_pattern(source)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "**", "*")
-    files = sorted(
-        p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p) and p.lower().endswith(DATA_SUFFIXES)
-    )
-    if not files:
-        raise DataError(f"{source}: no Parquet or CSV files match")
-    return files
+    """Expand a glob, directory or ``file://`` URI to the sorted list of data files (:func:`list_data_files`)."""
+    try:
+        return list_data_files(source)
+    except SourceError as exc:
+        raise DataError(str(exc)) from None
 
 
 def to_utc(value: Any) -> pd.Timestamp:
@@ -103,33 +85,12 @@ def _time_series_utc(series: pd.Series, column: str, origin: str) -> pd.Series:
         raise DataError(f"{origin}: time column '{column}' is not a timestamp ({exc})") from None
 
 
-def partition_bounds(path: str) -> tuple[pd.Timestamp, pd.Timestamp] | None:
-    """UTC ``[start, end)`` implied by hive date partitions in ``path``, or None.
-
-    Recognises ``date=YYYY-MM-DD`` (and ``dt=``, ``ds=``) or ``year=/month=/day=`` segments.
-    """
-    parts = dict(seg.split("=", 1) for seg in Path(path).parts if "=" in seg)
-    for key in PARTITION_DATE_KEYS:
-        if key in parts:
-            try:
-                day = date.fromisoformat(unquote(parts[key])[:10])
-            except ValueError:
-                return None
-            start = to_utc(day)
-            return start, start + pd.Timedelta(days=1)
-    if "year" in parts:
-        try:
-            year = int(parts["year"])
-            if "month" not in parts:
-                return to_utc(date(year, 1, 1)), to_utc(date(year + 1, 1, 1))
-            month = int(parts["month"])
-            if "day" not in parts:
-                start = to_utc(date(year, month, 1))
-                return start, to_utc((start + pd.Timedelta(days=32)).replace(day=1).date())
-            start = to_utc(date(year, month, int(parts["day"])))
-            return start, start + pd.Timedelta(days=1)
-        except ValueError:
-            return None
+def _partition_value(path: str, key: str) -> str | None:
+    """The value of the hive partition directory ``key=...`` in ``path``, if there is one."""
+    for segment in Path(path).parts[:-1]:
+        name, sep, value = segment.partition("=")
+        if sep and name == key:
+            return value
     return None
 
 
@@ -172,7 +133,7 @@ def _read_parquet(path: str, time_column: str, start: pd.Timestamp | None, end: 
 def _read_csv(path: str, columns: list[str] | None, time_column: str) -> pd.DataFrame:
     try:
         usecols = None if columns is None else (lambda c: c in set(columns) | {time_column})
-        return pd.read_csv(path, usecols=usecols)
+        return pd.read_csv(path, usecols=usecols, sep=csv_delimiter(path))
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{path}: not a readable CSV file ({exc})") from None
 
@@ -181,7 +142,7 @@ def read_frame(path_or_glob: str, columns: list[str] | None = None) -> pd.DataFr
     """Read every Parquet/CSV file matching ``path_or_glob`` into one frame (no window)."""
     frames = []
     for path in list_files(path_or_glob):
-        if path.lower().endswith((".csv", ".csv.gz")):
+        if file_format(path) != "parquet":
             frames.append(_read_csv(path, columns, ""))
         else:
             try:
@@ -239,11 +200,11 @@ def load_window(
     frames: list[pd.DataFrame] = []
     out = WindowData(frame=pd.DataFrame(), start=start.to_pydatetime() if start is not None else None, end=end.to_pydatetime())
     for path in list_files(source):
-        bounds = partition_bounds(path)
+        bounds = partition_bounds(path, time_column)
         if bounds is not None and ((start is not None and bounds[1] <= start) or bounds[0] > end):
             out.files_pruned.append(path)
             continue
-        if path.lower().endswith((".csv", ".csv.gz")):
+        if file_format(path) != "parquet":
             df = _read_csv(path, columns, time_column)
             out.row_groups_read += 1
         else:
@@ -254,8 +215,8 @@ def load_window(
                 out.files_pruned.append(path)
                 continue
         if time_column not in df.columns:
-            if bounds is not None and time_column in PARTITION_DATE_KEYS:
-                df[time_column] = bounds[0]
+            if bounds is not None and _partition_value(path, time_column) is not None:
+                df[time_column] = bounds[0]  # the time column is the partition directory itself
             else:
                 raise DataError(f"{path}: no time column '{time_column}'")
         out.files_read.append(path)
