@@ -51,6 +51,8 @@ return #ARGV - 1
 
 Handler = Callable[[list[CloudEvent], "redis.client.Pipeline"], None]
 """Queue the effects of a batch of new events into the (transactional) pipeline."""
+Committed = Callable[[list[CloudEvent]], None]
+"""Told the events whose effects just committed (each event id once): for counters, not state."""
 
 
 @dataclass
@@ -196,6 +198,7 @@ class StreamConsumer:
         dedup_retention_s: float = 7 * 86400,
         max_event_bytes: int = 65536,
         pause_gc: bool = True,
+        on_committed: Committed | None = None,
     ):
         self.redis = client
         self.keys = keys
@@ -209,6 +212,7 @@ class StreamConsumer:
         self.dedup_retention_s = dedup_retention_s
         self.max_event_bytes = max_event_bytes
         self.pause_gc = pause_gc
+        self.on_committed = on_committed
         self.streams = keys.all_event_streams()
         self.stats = ConsumerStats()
         # Same connections, no response callbacks: raw replies for the hot read path.
@@ -220,7 +224,8 @@ class StreamConsumer:
         self._trim_counter = 0
 
     @classmethod
-    def from_settings(cls, client, settings, group: str, consumer: str, handler: Handler) -> "StreamConsumer":
+    def from_settings(cls, client, settings, group: str, consumer: str, handler: Handler,
+                      on_committed: Committed | None = None) -> "StreamConsumer":
         from config.keys import keys_from_settings
 
         return cls(
@@ -229,7 +234,7 @@ class StreamConsumer:
             max_deliveries=settings.bus_max_deliveries,
             claim_idle_ms=int(settings.bus_claim_idle.total_seconds() * 1000),
             dedup_retention_s=settings.dedup_retention.total_seconds(),
-            max_event_bytes=settings.max_event_bytes,
+            max_event_bytes=settings.max_event_bytes, on_committed=on_committed,
         )
 
     def ensure_group(self) -> None:
@@ -450,6 +455,13 @@ class StreamConsumer:
             pipe.execute_command("XACK", stream, self.group, *ids)
         pipe.execute()
         self.stats.handled += len(events)
+        if events and self.on_committed is not None:
+            # After EXEC, so a batch that fails and is retried one event at a time counts each
+            # event once; a crash right here loses the count, never the state.
+            try:
+                self.on_committed(events)
+            except Exception:  # noqa: BLE001 - the batch is committed; counting must not undo that
+                log.exception("bus.on_committed_failed", size=len(events))
 
     def _commit_one_by_one(self, fresh, dupes) -> None:
         """After a failed batch, isolate the poison event(s); they stay pending for a retry."""

@@ -204,11 +204,14 @@ class TestConsumer:
                 raise RuntimeError("cannot handle 13")
             effect_handler(events, pipe)
 
-        c = make_consumer(redis_client, keys, handler=handler, max_deliveries=3, claim_idle_ms=1)
+        committed = []
+        c = make_consumer(redis_client, keys, handler=handler, max_deliveries=3, claim_idle_ms=1,
+                          on_committed=lambda events: committed.extend(ev.id for ev in events))
         for _ in range(10):
             c.poll(block_ms=10)
             time.sleep(0.01)
         assert redis_client.hget(EFFECTS, fine.id) == b"1"
+        assert committed == [fine.id]  # told once, after its own commit; the failed batch told nothing
         letters = bus.dead_letters()
         assert len(letters) == 1 and "delivered 4 times" in letters[0]["reason"]
         assert parse_event(letters[0]["payload"]).id == poison.id

@@ -19,7 +19,7 @@ from events.bus import EventBus, StreamConsumer
 from events.envelope import new_event
 from tests.support import ROOT
 from workers import metrics
-from workers.decision.service import record_events
+from workers.decision.service import DecisionService
 
 MODEL = "churn"
 
@@ -88,24 +88,28 @@ class TestEventCounters:
         assert {k: after[k] - before[k] for k in before} == {k: 1.0 for k in before}
         assert val("retrain_gate_checks_total", check="model_size", result="pass") == 0  # skipped checks don't count
 
-    def test_a_consumer_batch_counts_each_event_id_once(self, redis_client, settings, keys):
-        """Events handled by a stream consumer whose handler records and observes them count once per event id."""
-        bus = EventBus.from_settings(redis_client, settings)
-
-        def handler(events, pipe):
-            record_events(keys, events, pipe)
-            metrics.observe_events(events)
-
-        consumer = StreamConsumer(redis_client, keys, f"g-{uuid.uuid4().hex[:6]}", "c1", handler, block_ms=10)
-        consumer.ensure_group()
-        before = val("retrain_events_ingested_total", type="volume.accumulated")
-        events = [new_event("volume.accumulated", MODEL, {"new_samples": i}) for i in range(3)]
-        bus.publish_many(events)
-        bus.publish(events[0])  # redelivered by an at-least-once producer
-        while consumer.poll(block_ms=10):
-            pass
-        assert val("retrain_events_ingested_total", type="volume.accumulated") - before == 3
-        assert consumer.stats.duplicates == 1
+    def test_the_decision_worker_counts_each_committed_event_once(self, redis_client, settings, tmp_path):
+        """The real decision service counts every event it records once per id (a redelivery is not counted), and its own decisions."""
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        (policies / f"{MODEL}.toml").write_text(f'[model]\nname = "{MODEL}"\n[triggers]\ndebounce_quiet = "0s"\n')
+        svc = DecisionService(redis_client, settings.model_copy(update={"policy_dir": policies}), "metrics-1",
+                              enqueue=lambda record: None)
+        svc.consumer.ensure_group()
+        before = {t: val("retrain_events_ingested_total", type=t)
+                  for t in ("volume.accumulated", "drift.data", "retrain.decided")}
+        decided = val("retrain_decisions_total", action="start", trigger="data_drift")
+        volumes = [new_event("volume.accumulated", MODEL, {"new_samples": i}) for i in range(3)]
+        drift = new_event("drift.data", MODEL, {"drift_score": 0.2, "drifted_features": ["age"]})
+        svc.bus.publish_many([*volumes, drift])
+        svc.bus.publish(volumes[0])  # redelivered by an at-least-once producer
+        for _ in range(4):
+            svc.consumer.poll(block_ms=10)
+            svc.after_batch()  # decides, publishes retrain.decided; the next poll records it
+        after = {t: val("retrain_events_ingested_total", type=t) - before[t] for t in before}
+        assert after == {"volume.accumulated": 3, "drift.data": 1, "retrain.decided": 1}
+        assert val("retrain_decisions_total", action="start", trigger="data_drift") - decided == 1
+        assert svc.consumer.stats.duplicates == 1
 
     def test_router_and_ingest_helpers(self):
         """observe_request counts by version and outcome and times the request; observe_ingest counts by outcome."""

@@ -36,6 +36,7 @@ from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
 from workers.decision.policy import apply_guards, evaluate
 from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys
+from workers.metrics import observe_events
 from workers.policies import PolicyStore
 
 log = structlog.get_logger(__name__)
@@ -195,7 +196,8 @@ class DecisionService:
         self.consumer_name = consumer_name
         self.enqueue = enqueue or _enqueue_pipeline
         self._warm_up = _warm_up_enqueue if enqueue is None else None  # a custom enqueue has nothing to load
-        self.consumer = StreamConsumer.from_settings(client, settings, "decision", consumer_name, self._handle)
+        self.consumer = StreamConsumer.from_settings(client, settings, "decision", consumer_name, self._handle,
+                                                     on_committed=observe_events)
         self.decisions_made = 0
         self._warmed = False
 
