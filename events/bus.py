@@ -3,7 +3,7 @@
 Producers validate and XADD (pipelined) into the model's shard of the event stream.
 Consumers read in batches through a consumer group, skip event ids they have already
 handled, let the handler queue its effects into one MULTI/EXEC together with the "seen"
-marks, and XACK only after that transaction committed. Entries left pending by a dead
+marks, and XACK only after that transaction committed with no failed command. Entries left pending by a dead
 consumer are reclaimed with XAUTOCLAIM; an entry delivered ``max_deliveries`` times, or one
 that is not a valid event, moves to the dead-letter stream with the reason and the original
 payload. Delivery is at least once; effects are once per event id.
@@ -418,10 +418,16 @@ class StreamConsumer:
         return fresh, dupes
 
     def _commit(self, fresh, dupes=()) -> None:
-        """One MULTI/EXEC: the handler's effects, the seen marks, and the XACKs.
+        """Commit a batch: the handler's effects with the seen marks in one MULTI/EXEC, then the XACKs.
 
-        The entries are acknowledged in the same transaction that persists their effect, so
-        an ack can never precede the effect, and a crash leaves either both or neither.
+        Effects and seen marks commit together, so an event's effect happens once per id
+        whatever is redelivered. The acks follow only when every command of the transaction
+        succeeded: Redis runs the rest of a MULTI when one command fails at EXEC time
+        (WRONGTYPE on a corrupted key, a script error), so a failure takes the batch's seen
+        marks back and raises with nothing acked; the entries stay pending for the
+        one-at-a-time retry, and then the dead-letter stream. A crash between the EXEC and
+        the acks leaves entries pending that are marked seen: redelivered, they are acked as
+        duplicates.
         """
         pipe = self.redis.pipeline(transaction=True)
         events = [e for _, _, e in fresh]
@@ -444,6 +450,12 @@ class StreamConsumer:
             pipe.execute_command("ZADD", self.keys.seen(s), *marks)
             if trim:
                 pipe.zremrangebyscore(self.keys.seen(s), 0, now - self.dedup_retention_s)
+        if len(pipe):
+            results = pipe.execute(raise_on_error=False)
+            failed = next((r for r in results if isinstance(r, Exception)), None)
+            if failed is not None:
+                self._unmark(by_shard)
+                raise failed
         acks: dict[str, list] = {}
         for items in (fresh, dupes):
             for stream, entry_id, _ in items:
@@ -451,17 +463,26 @@ class StreamConsumer:
                 if ids is None:
                     ids = acks[stream] = []
                 ids.append(entry_id)
-        for stream, ids in acks.items():
-            pipe.execute_command("XACK", stream, self.group, *ids)
-        pipe.execute()
+        if acks:
+            ack = self._raw.pipeline(transaction=False)
+            for stream, ids in acks.items():
+                ack.execute_command("XACK", stream, self.group, *ids)
+            ack.execute()
         self.stats.handled += len(events)
         if events and self.on_committed is not None:
-            # After EXEC, so a batch that fails and is retried one event at a time counts each
-            # event once; a crash right here loses the count, never the state.
+            # After the commit, so a batch that fails and is retried one event at a time counts
+            # each event once; a crash right here loses the count, never the state.
             try:
                 self.on_committed(events)
             except Exception:  # noqa: BLE001 - the batch is committed; counting must not undo that
                 log.exception("bus.on_committed_failed", size=len(events))
+
+    def _unmark(self, by_shard: dict[int, list]) -> None:
+        """Take back the seen marks of a batch whose transaction had a failed command."""
+        undo = self.redis.pipeline(transaction=False)
+        for s, marks in by_shard.items():
+            undo.zrem(self.keys.seen(s), *marks[1::2])
+        undo.execute()
 
     def _commit_one_by_one(self, fresh, dupes) -> None:
         """After a failed batch, isolate the poison event(s); they stay pending for a retry."""

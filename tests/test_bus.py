@@ -217,6 +217,48 @@ class TestConsumer:
         assert parse_event(letters[0]["payload"]).id == poison.id
         assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
 
+    def test_a_command_failing_inside_the_transaction_acks_nothing_and_loses_nothing(self, bus, redis_client, keys):
+        """Redis runs the rest of a MULTI when one command fails: the batch is neither acked nor marked seen; an all-or-nothing handler applies each good event once, the bad one is dead-lettered and applies after a fix."""
+        broken = "retrain:test:broken"
+        redis_client.set(broken, "a string, not a hash")  # e.g. a key corrupted by hand
+        good = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(3)]
+        bad = new_event("volume.accumulated", "m", {"new_samples": 13})
+        bus.publish_many([good[0], bad, *good[1:]])
+        # One script for the batch that checks before it writes (as the decision worker's does);
+        # the seen marks that follow it in the transaction still run when it fails.
+        all_or_nothing = """
+        if ARGV[1] == '1' and redis.call('TYPE', KEYS[2]).ok ~= 'none' and redis.call('TYPE', KEYS[2]).ok ~= 'hash' then
+          return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is not a hash')
+        end
+        for i = 3, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+        if ARGV[1] == '1' then redis.call('HSET', KEYS[2], ARGV[2], 1) end
+        """
+
+        def handler(events, pipe):
+            has_bad = any(e.id == bad.id for e in events)
+            pipe.eval(all_or_nothing, 2, EFFECTS, broken, int(has_bad), bad.id, *[e.id for e in events])
+
+        committed = []
+        c = make_consumer(redis_client, keys, handler=handler, max_deliveries=2, claim_idle_ms=1,
+                          on_committed=lambda events: committed.extend(ev.id for ev in events))
+        c.poll(block_ms=10)  # the batch fails, then its events are committed one at a time
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 1
+        assert redis_client.zscore(keys.seen(keys.shard_of("m")), bad.id) is None
+        assert {e.id: redis_client.hget(EFFECTS, e.id) for e in good} == {e.id: b"1" for e in good}
+        for _ in range(8):
+            c.poll(block_ms=10)
+            time.sleep(0.01)
+        assert {e.id: redis_client.hget(EFFECTS, e.id) for e in good} == {e.id: b"1" for e in good}
+        assert sorted(committed) == sorted(e.id for e in good)
+        [letter] = bus.dead_letters()
+        assert parse_event(letter["payload"]).id == bad.id
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
+        redis_client.delete(broken)  # the fix; then the operator re-publishes the dead letter
+        bus.republish_dead_letter(letter["id"])
+        drain(c)
+        assert redis_client.hget(broken, bad.id) == b"1" and redis_client.hget(EFFECTS, bad.id) == b"1"
+        assert committed.count(bad.id) == 1
+
     def test_dead_letter_can_be_republished_after_a_fix(self, bus, redis_client, keys):
         """A dead-lettered payload, fixed by the operator, is validated, re-published and removed."""
         bus.publish_raw("churn", json.dumps({**new_event("drift.data", "churn", {"drift_score": 0.2}).model_dump(mode="json"),
