@@ -264,6 +264,31 @@ class TestBatchRecording:
         assert touched == {"batched"} and urgent == set()
 
 
+    def test_a_corrupted_key_fails_its_batch_with_nothing_applied_and_nothing_lost(self, make_service, redis_client, keys):
+        """A model whose state key holds the wrong type: the batch applies nothing, its other models are then recorded once each, and the bad model's event is dead-lettered, not acked away."""
+        svc = make_service()
+        svc.consumer.max_deliveries = 2
+        svc.consumer.claim_idle_ms = 1
+        redis_client.set(keys.drift_history("corrupt"), "not a list")
+        events = [drift("alpha", 0.05), drift("corrupt", 0.05), drift("beta", 0.05), drift("alpha", 0.06)]
+        svc.bus.publish_many(events)
+        pipe = redis_client.pipeline(transaction=True)
+        from workers.decision.service import record_events
+
+        record_events(keys, events, pipe)
+        with pytest.raises(Exception, match="WRONGTYPE"):
+            pipe.execute()
+        assert not redis_client.exists(keys.history("alpha"), keys.history("beta"), keys.models())  # all or nothing
+        for _ in range(8):
+            svc.consumer.poll(block_ms=10)
+            time.sleep(0.01)
+        assert _model_state(redis_client, keys, "alpha")["history"] == [events[0].id, events[3].id]
+        assert _model_state(redis_client, keys, "beta")["history"] == [events[2].id]
+        assert not redis_client.exists(keys.history("corrupt"))
+        [letter] = svc.bus.dead_letters()
+        assert json.loads(letter["payload"])["id"] == events[1].id
+
+
 class TestClaiming:
     def test_claim_skips_models_locked_elsewhere_or_no_longer_due(self, make_service, redis_client):
         """A worker only loads due models whose lock it took; the ones it could not take keep their locks."""

@@ -53,12 +53,12 @@ SOURCE = "urn:retrain:decision"
 CLEARED_BY_PROMOTION = (*STATE_SIGNALS, "upstream.changed")
 """Signal types a ``rollout.completed`` deletes: they were measured against the previous production model."""
 
-# The whole batch's state updates in one call. Per model, in this order: make it due, append
+# The whole batch's state updates in one call. Per model, in this order: make it due, register it, append
 # the events to the model's history, delete the signals a promotion cleared, set the latest
 # signal of each type, extend the drift history, append the pending ids and stamp the pending
 # window. Python folds the batch so that the end state equals applying the events one by one.
 RECORD_BATCH = """
--- KEYS: due, then per model (history, signals, drift_history, pending_events, guard)
+-- KEYS: due, models, then per model (history, signals, drift_history, pending_events, guard)
 -- ARGV: now, history maxlen, drift history length, then per model:
 --   model, schedule           0 no, 1 due now unless already due (ZADD NX), 2 due now (a manual
 --                             request: overrides a later debounce time)
@@ -68,13 +68,29 @@ RECORD_BATCH = """
 --   n, (type, i) * n          latest signal per type: the i-th (0-based) of this model's payloads
 --   n, score * n              drift scores, oldest first
 --   n, event id * n           pending event ids, in order (n > 0 also stamps the pending window)
+-- All or nothing: every key's type is checked before the first write (Redis does not roll a
+-- script back), so a corrupted key fails the batch with nothing of it applied.
+local expected = {'stream', 'hash', 'list', 'list', 'hash'}
+local function check(key, kind)
+  local t = redis.call('TYPE', key).ok
+  if t ~= 'none' and t ~= kind then
+    return redis.error_reply('WRONGTYPE ' .. key .. ' holds a ' .. t .. ', expected a ' .. kind)
+  end
+end
+local bad = check(KEYS[1], 'zset') or check(KEYS[2], 'set')
+if bad then return bad end
+for k = 3, #KEYS do
+  bad = check(KEYS[k], expected[(k - 3) % 5 + 1])
+  if bad then return bad end
+end
 local now, maxlen, driftlen = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local function each(cmd, key, first, last)
   for i = first, last, 1000 do redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, last))) end
 end
 local a = 4
-for k = 2, #KEYS, 5 do
+for k = 3, #KEYS, 5 do
   local model, schedule = ARGV[a], ARGV[a + 1]
+  redis.call('SADD', KEYS[2], model)
   if schedule == '1' then redis.call('ZADD', KEYS[1], 'NX', now, model)
   elseif schedule == '2' then redis.call('ZADD', KEYS[1], now, model) end
   local n = tonumber(ARGV[a + 2])
@@ -112,7 +128,7 @@ for k = 2, #KEYS, 5 do
   end
   a = a + n + 1
 end
-return (#KEYS - 1) / 5
+return (#KEYS - 2) / 5
 """
 
 
@@ -155,7 +171,7 @@ def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool 
             b[2].clear()
     if not batches:
         return touched, urgent
-    script_keys: list[str] = [keys.due()]
+    script_keys: list[str] = [keys.due(), keys.models()]
     args: list[Any] = [f"{time.time():.6f}", HISTORY_MAXLEN, DRIFT_HISTORY_LEN]
     for model, (history, latest, drift, pending, promoted) in batches.items():
         mk = model_keys(keys, model)
@@ -180,7 +196,6 @@ def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool 
     # EVAL (not EVALSHA): inside MULTI a NOSCRIPT error would fail this command alone and let
     # the rest of the transaction (seen marks, acks) commit without the state it records.
     pipe.eval(RECORD_BATCH, len(script_keys), *script_keys, *args)
-    pipe.sadd(keys.models(), *batches)
     return touched, urgent
 
 
