@@ -168,8 +168,8 @@ def observe_events(events: Iterable[Any]) -> None:
     """Count a batch of events recorded into the model logs, and what their lifecycle types say.
 
     Called where events are recorded exactly once per id: after each committed batch of the
-    decision worker's stream consumer (``StreamConsumer(on_committed=observe_events)``). Accepts :class:`events.envelope.CloudEvent` objects or their
-    JSON dicts. Besides ``retrain_events_ingested_total{type}`` it derives the decision, gate,
+    decision worker's stream consumer (``StreamConsumer(on_committed=observe_events)``).
+    Accepts :class:`events.envelope.CloudEvent` objects or their JSON dicts. Besides ``retrain_events_ingested_total{type}`` it derives the decision, gate,
     pipeline-failure, rollout, rollback and alert counters from the lifecycle events, so those
     are counted in one place whichever process did the work. Signals are tallied per batch
     (one counter update per type), so the hot path pays well under a microsecond per event.
