@@ -122,6 +122,10 @@ class Keys:
         """Set of every model name the system has seen."""
         return f"{self.prefix}:models"
 
+    def evaluation_errors(self) -> str:
+        """Hash: model -> why its last decision evaluation failed (cleared when one succeeds)."""
+        return f"{self.prefix}:decision:evaluation_errors"
+
     def traffic_channel(self) -> str:
         """Pub/sub channel announcing traffic-table changes."""
         return f"{self.prefix}:traffic-changed"

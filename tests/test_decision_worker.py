@@ -220,6 +220,61 @@ class TestWarmUp:
         assert {b"training.high", b"training.low", b"gate", b"rollout"} <= bound
 
 
+class TestBrokenState:
+    def test_a_model_whose_state_cannot_be_read_is_retried_alone_with_one_alert(self, make_service, redis_client, keys):
+        """Bad JSON in one model's production record and a wrong-type key in another: the healthy model is decided, the two are retried later with one alert each, and decided once fixed."""
+        svc = make_service()
+        for model in ("bad-json", "wrong-type"):
+            write_policy(svc.settings.policy_dir, name=model)
+        redis_client.hset(keys.aliases("bad-json"), "production", "3")
+        redis_client.hset(keys.versions("bad-json"), "3", "{not json")
+        svc.bus.publish_many([drift("bad-json", 0.4), drift("wrong-type", 0.4), drift("churn", 0.4)])
+        svc.consumer.poll(block_ms=10)
+        redis_client.delete(keys.trainings("wrong-type"))
+        redis_client.set(keys.trainings("wrong-type"), "corrupted")
+        now = time.time()
+        svc.evaluate_due(now)
+        assert records(svc)[0]["action"] == "start"
+        errors = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.evaluation_errors()).items()}
+        assert set(errors) == {"bad-json", "wrong-type"}
+        assert "JSONDecodeError" in errors["bad-json"] and "holds a string, expected a zset" in errors["wrong-type"]
+        for model in ("bad-json", "wrong-type"):
+            assert redis_client.zscore(keys.due(), model) == pytest.approx(now + 60, abs=1)
+            assert redis_client.llen(keys.pending_events(model)) == 1  # the signal is kept for the retry
+            assert not records(svc, model)
+        svc.evaluate_due(now + 61)  # still broken: retried, no second alert
+        assert [redis_client.llen(keys.alerts(m)) for m in ("bad-json", "wrong-type")] == [1, 1]
+        redis_client.hset(keys.versions("bad-json"), "3", json.dumps({"version": 3}))
+        redis_client.delete(keys.trainings("wrong-type"))
+        svc.evaluate_due(now + 122)
+        assert [records(svc, m)[0]["action"] for m in ("bad-json", "wrong-type")] == ["start", "start"]
+        assert not redis_client.exists(keys.evaluation_errors())
+
+    def test_the_consumer_loop_survives_an_error_after_a_batch(self, make_service, redis_client):
+        """An unexpected error in the after-batch evaluation is logged and the loop goes on consuming."""
+        import threading
+
+        svc = make_service()
+        calls = {"n": 0}
+        evaluate = svc.after_batch
+
+        def flaky():
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("a bug in one round")
+            evaluate()
+
+        thread = threading.Thread(target=svc.consumer.run, kwargs={"idle_callback": flaky}, daemon=True)
+        thread.start()
+        try:
+            svc.bus.publish(drift(score=0.4))
+            wait_for(lambda: records(svc), timeout=10)
+            assert calls["n"] > 1 and thread.is_alive()
+        finally:
+            svc.stop()
+            thread.join(5)
+
+
 def _model_state(client, keys, model):
     """The recorded per-model state, without the times that depend on when it was written."""
     guard = client.hgetall(keys.guard(model))

@@ -45,6 +45,8 @@ HISTORY_MAXLEN = 10_000
 DRIFT_HISTORY_LEN = 50
 MAX_DUE_PER_ROUND = 500
 LOCK_TTL_MS = 30_000
+EVALUATION_RETRY_S = 60.0
+"""A model whose state could not be read or evaluated is retried after this long."""
 STALE_IN_FLIGHT_S = 6 * 3600
 """A single-flight slot older than this with no pipeline activity is considered lost."""
 SOURCE = "urn:retrain:decision"
@@ -289,6 +291,7 @@ class DecisionService:
         to_start: list[dict[str, Any]] = []
         finished: list[StoredState] = []
         made = 0
+        failing = self._failing(list(states))
         for model, state in states.items():
             policy = self.policies.get(model)
             if policy is None:
@@ -299,9 +302,19 @@ class DecisionService:
                 events.append(self._event("retrain.suppressed", record))
                 made += 1
                 continue
-            self._clear_stale_slot(pipe, state, now)
-            decision = evaluate(policy, state.model_signals(when), when)
-            guarded = apply_guards(decision, state.guard_state(), policy, when)
+            try:
+                if state.error:
+                    raise ValueError(state.error)
+                stale = self._stale_slot(state, now)
+                decision = evaluate(policy, state.model_signals(when), when)
+                guarded = apply_guards(decision, state.guard_state(), policy, when)
+            except Exception as exc:  # noqa: BLE001 - one model's bad state or a bug must not stop the others
+                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=model in failing)
+                continue
+            if stale:
+                pipe.hdel(self.keys.guard(model), "in_flight", "in_flight_since")
+            if model in failing:
+                pipe.hdel(self.keys.evaluation_errors(), model)
             if guarded.action == "defer":
                 if guarded.follow_up:
                     pipe.hset(self.keys.guard(model), "follow_up", "1")
@@ -346,12 +359,36 @@ class DecisionService:
         self.decisions_made += made
         return made
 
-    def _clear_stale_slot(self, pipe, state: StoredState, now: float) -> None:
+    def _failing(self, models: list[str]) -> set[str]:
+        """Which of ``models`` failed their last evaluation (one HMGET; usually none)."""
+        errors = self.redis.hmget(self.keys.evaluation_errors(), models) if models else []
+        return {m for m, e in zip(models, errors) if e is not None}
+
+    def _stale_slot(self, state: StoredState, now: float) -> bool:
+        """Whether the model's single-flight slot is stale (then dropped from ``state``: the pipeline is lost)."""
         since = state.guard.get("in_flight_since")
         if state.guard.get("in_flight") and since and now - float(since) > STALE_IN_FLIGHT_S:
             log.warning("decision.stale_slot_cleared", model=state.model, pipeline_id=state.guard["in_flight"])
-            pipe.hdel(self.keys.guard(state.model), "in_flight", "in_flight_since")
             state.guard.pop("in_flight", None)
+            return True
+        return False
+
+    def _evaluation_failed(self, pipe, state: StoredState, exc: Exception, now: float,
+                           alerts: list[CloudEvent], *, alerted: bool) -> None:
+        """Leave the model's signals pending, retry it later, and alert once until an evaluation succeeds.
+
+        Written outside the model's own keys (one of which may be the corrupted one).
+        """
+        model, error = state.model, f"{type(exc).__name__}: {exc}"
+        log.error("decision.evaluation_failed", model=model, error=error, retry_in_s=EVALUATION_RETRY_S)
+        pipe.zadd(self.keys.due(), {model: now + EVALUATION_RETRY_S})
+        pipe.hset(self.keys.evaluation_errors(), model, error[:500])
+        if not alerted:
+            ev = alert_event(model, "warning", "decision evaluation failed",
+                             f"{model}: {error}; its signals stay pending and it is retried every "
+                             f"{EVALUATION_RETRY_S:.0f} s")
+            record_alert(pipe, self.keys, ev)
+            alerts.append(ev)
 
     def _record(self, model: str, state: StoredState, now: float, *, action: str, reason: str,
                 guarded: dict | None = None, pipeline_id: str | None = None, policy=None) -> dict[str, Any]:

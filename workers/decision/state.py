@@ -86,8 +86,16 @@ LOAD_STATES = """
 -- KEYS: due, then per model (lock, signals, drift_history, guard, trainings, pending_events, aliases, versions)
 -- ARGV: token ('' = no lock, no due check), lock ttl ms, trainings since (score), drift entries
 --   to read, now, then the model names (in KEYS order)
+-- A model with a key of the wrong type reads as {'error', message}: the others still load.
 local out = {}
 local token, ttl, since, ndrift, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) - 1, tonumber(ARGV[5])
+local kinds = {'hash', 'list', 'hash', 'zset', 'list', 'hash', 'hash'}
+local function wrong_type(k)
+  for i = 1, 7 do
+    local t = redis.call('TYPE', KEYS[k + i]).ok
+    if t ~= 'none' and t ~= kinds[i] then return KEYS[k + i] .. ' holds a ' .. t .. ', expected a ' .. kinds[i] end
+  end
+end
 for k = 2, #KEYS, 8 do
   local claimed = true
   if token ~= '' then
@@ -101,8 +109,11 @@ for k = 2, #KEYS, 8 do
       end
     end
   end
+  local bad = claimed and wrong_type(k)
   if not claimed then
     out[#out + 1] = false
+  elseif bad then
+    out[#out + 1] = {'error', bad}
   else
     local prod = redis.call('HGET', KEYS[k + 6], 'production')
     if prod then prod = redis.call('HGET', KEYS[k + 7], prod) end
@@ -217,6 +228,8 @@ class StoredState:
     pending_ids: list[str] = field(default_factory=list)
     production: dict[str, Any] | None = None
     raw_signals: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+    """Why the state could not be read (a corrupted key, bad JSON); the model is not evaluated."""
 
     def guard_state(self) -> GuardState:
         return GuardState(
@@ -331,18 +344,25 @@ class DecisionStore:
         for m, reply in zip(models, replies):
             if not reply:
                 continue
+            if len(reply) == 2:  # {'error', message}: a key of the wrong type
+                out[m] = StoredState(model=m, error=f"unreadable state: {_str(reply[1])}")
+                continue
             sig, drift, guard, trainings, pending, production = reply
-            raw_signals = {_str(t): v for t, v in zip(sig[::2], sig[1::2])}
-            out[m] = StoredState(
-                model=m,
-                signals={t: signal(m, t, v) for t, v in raw_signals.items()},
-                drift_history=[float(x) for x in reversed(drift)],
-                guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
-                trainings=[(_str(p), float(t)) for p, t in zip(trainings[::2], trainings[1::2])],
-                pending_ids=[_str(p) for p in pending],
-                production=json.loads(production) if production else None,
-                raw_signals=raw_signals,
-            )
+            try:
+                raw_signals = {_str(t): v for t, v in zip(sig[::2], sig[1::2])}
+                out[m] = StoredState(
+                    model=m,
+                    signals={t: signal(m, t, v) for t, v in raw_signals.items()},
+                    drift_history=[float(x) for x in reversed(drift)],
+                    guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
+                    trainings=[(_str(p), float(t)) for p, t in zip(trainings[::2], trainings[1::2])],
+                    pending_ids=[_str(p) for p in pending],
+                    production=json.loads(production) if production else None,
+                    raw_signals=raw_signals,
+                )
+            except (ValueError, TypeError, KeyError) as exc:  # bad JSON, a non-number where one belongs
+                out[m] = StoredState(model=m, error=f"unreadable state: {type(exc).__name__}: {exc}",
+                                     guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])})
         return out
 
     def _signal(self, model: str, etype: str, raw: bytes) -> dict[str, Any]:
