@@ -17,6 +17,7 @@ cost of a batch.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import threading
@@ -250,6 +251,7 @@ class StreamConsumer:
         self._stopping = True
 
     def run(self, idle_callback: Callable[[], None] | None = None) -> None:
+        """Poll (and call ``idle_callback`` after each poll) until :meth:`stop`; errors are logged, never fatal."""
         self.ensure_group()
         while not self._stopping:
             try:
@@ -259,6 +261,12 @@ class StreamConsumer:
             except redis.ConnectionError as exc:  # Redis restarting: wait and carry on
                 log.warning("bus.connection_lost", error=str(exc))
                 time.sleep(0.5)
+            except Exception as exc:  # noqa: BLE001 - a consumer that stops is worse than one that retries
+                log.exception("bus.loop_error", error=str(exc))
+                time.sleep(1.0)
+                if "NOGROUP" in str(exc):  # the stream or group was deleted under us
+                    with contextlib.suppress(Exception):
+                        self.ensure_group()
 
     def poll(self, block_ms: int | None = None) -> int:
         """Read, handle and ack one batch; return how many entries were processed."""
