@@ -122,6 +122,10 @@ class Keys:
         """Set of every model name the system has seen."""
         return f"{self.prefix}:models"
 
+    def enqueue_outbox(self) -> str:
+        """Hash: pipeline id -> decision record whose pipeline is decided but not yet enqueued on Celery."""
+        return f"{self.prefix}:decision:enqueue_outbox"
+
     def evaluation_errors(self) -> str:
         """Hash: model -> why its last decision evaluation failed (cleared when one succeeds)."""
         return f"{self.prefix}:decision:evaluation_errors"
