@@ -220,6 +220,111 @@ class TestWarmUp:
         assert {b"training.high", b"training.low", b"gate", b"rollout"} <= bound
 
 
+class TestEnqueueOutbox:
+    def test_a_broker_error_keeps_the_decision_and_a_later_round_enqueues_it(self, make_service, redis_client, keys):
+        """Enqueue fails: the slot and an outbox entry stay (no lost retrain, no second decision); the replay enqueues the real chain once."""
+        from workers.decision.service import OUTBOX_GRACE_S, _enqueue_pipeline
+
+        svc = make_service()
+        broker = {"up": False}
+
+        def enqueue(record):
+            if not broker["up"]:
+                raise ConnectionError("broker unreachable")
+            _enqueue_pipeline(record)
+
+        svc.enqueue = enqueue
+        svc.bus.publish(drift(score=0.2))
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and queued(redis_client, "training.low") == 0
+        assert svc.store.holds_slot("churn", rec["pipeline_id"])
+        assert set(svc.store.outbox()) == {rec["pipeline_id"]}
+        later = time.time() + OUTBOX_GRACE_S + 1
+        assert svc.replay_outbox(later) == 0  # still down: kept
+        broker["up"] = True
+        svc._last_replay = 0.0
+        assert svc.replay_outbox(later) == 1
+        assert queued(redis_client, "training.low") == 1 and svc.store.outbox() == {}
+        assert redis_client.hget(keys.pipeline("churn", rec["pipeline_id"]), "status") == b"enqueued"
+        svc._last_replay = 0.0
+        assert svc.replay_outbox(later + 60) == 0 and queued(redis_client, "training.low") == 1
+
+    def test_a_worker_that_dies_after_deciding_is_replayed_by_another(self, make_service, redis_client, keys):
+        """The decision committed, then the worker died before enqueueing: another service enqueues it and publishes its retrain.decided once."""
+        from workers.decision.service import OUTBOX_GRACE_S
+
+        class Died(BaseException):
+            pass
+
+        dying = make_service("worker-1")
+        dying.enqueue = lambda record: (_ for _ in ()).throw(Died())
+        dying.bus.publish(drift(score=0.2))
+        dying.consumer.poll(block_ms=10)
+        with pytest.raises(Died):
+            dying.after_batch()
+        [rec] = records(dying)
+        other = make_service("worker-2")
+        assert other.replay_outbox(time.time()) == 0  # too young: its own worker may still be at it
+        other._last_replay = 0.0
+        assert other.replay_outbox(time.time() + OUTBOX_GRACE_S + 1) == 1
+        assert queued(redis_client, "training.low") == 1 and other.store.outbox() == {}
+        other.bus.publish(other._event("retrain.decided", rec))  # a replay of the event is a duplicate
+        step(other)
+        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.history("churn"))]
+        assert types.count("retrain.decided") == 1
+
+    def test_a_slot_taken_meanwhile_turns_the_start_into_a_suppression(self, make_service, redis_client, keys):
+        """If another pipeline took the slot after this worker loaded the state (its lock expired), nothing is enqueued and the record says why."""
+        svc = make_service()
+        svc.bus.publish(drift(score=0.2))
+        svc.consumer.poll(block_ms=10)
+        now = time.time()
+        states = svc.store.claim_and_load(["churn"], "me", 30_000, now)
+        redis_client.hset(keys.guard("churn"), "in_flight", "p-other-worker")
+        svc._evaluate(states, now, "me")
+        [rec] = records(svc)
+        assert rec["action"] == "suppress" and "another decision worker" in rec["reason"] and rec["pipeline_id"] is None
+        assert redis_client.hget(keys.guard("churn"), "in_flight") == b"p-other-worker"
+        assert queued(redis_client, "training.low") == 0 and svc.store.outbox() == {}
+
+    def test_a_step_status_is_not_overwritten_by_enqueued(self, make_service, redis_client, keys):
+        """A fast worker may mark the pipeline running before the enqueue returns; 'enqueued' never overwrites it."""
+        svc = make_service()
+
+        def enqueue(record):
+            redis_client.hset(keys.pipeline(record["model"], record["pipeline_id"]), "status", "running:validate_data")
+
+        svc.enqueue = enqueue
+        svc.bus.publish(drift(score=0.2))
+        step(svc)
+        [rec] = records(svc)
+        fields = redis_client.hgetall(keys.pipeline("churn", rec["pipeline_id"]))
+        assert fields[b"status"] == b"running:validate_data" and b"enqueued_at" in fields
+
+
+class TestStaleSlot:
+    @pytest.mark.parametrize("rollout_active, cleared", [(False, True), (True, False)])
+    def test_an_old_slot_is_stale_only_without_an_active_rollout(self, make_service, redis_client, keys,
+                                                                 rollout_active, cleared):
+        """A slot held for more than 6 h is taken back, unless the model has a rollout in progress (paused ones too)."""
+        from workers.decision.service import STALE_IN_FLIGHT_S
+
+        svc = make_service(cooldown="0s")
+        old = time.time() - STALE_IN_FLIGHT_S - 60
+        redis_client.hset(keys.guard("churn"), mapping={"in_flight": "p-old", "in_flight_since": f"{old:.6f}"})
+        if rollout_active:
+            redis_client.sadd(keys.active_rollouts(), "churn")
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        [rec] = records(svc) or [None]
+        if cleared:
+            assert rec["action"] == "start" and svc.store.holds_slot("churn", rec["pipeline_id"])
+        else:
+            assert rec is None and svc.store.holds_slot("churn", "p-old")
+            assert redis_client.hget(keys.guard("churn"), "follow_up") == b"1"
+
+
 class TestBrokenState:
     def test_a_model_whose_state_cannot_be_read_is_retried_alone_with_one_alert(self, make_service, redis_client, keys):
         """Bad JSON in one model's production record and a wrong-type key in another: the healthy model is decided, the two are retried later with one alert each, and decided once fixed."""

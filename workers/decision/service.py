@@ -45,10 +45,14 @@ HISTORY_MAXLEN = 10_000
 DRIFT_HISTORY_LEN = 50
 MAX_DUE_PER_ROUND = 500
 LOCK_TTL_MS = 30_000
+OUTBOX_REPLAY_S = 10.0
+"""How often a service looks for decided pipelines that never reached Celery."""
+OUTBOX_GRACE_S = 30.0
+"""A decision younger than this is still being enqueued by the worker that made it."""
 EVALUATION_RETRY_S = 60.0
 """A model whose state could not be read or evaluated is retried after this long."""
 STALE_IN_FLIGHT_S = 6 * 3600
-"""A single-flight slot older than this with no pipeline activity is considered lost."""
+"""A single-flight slot held this long by a model with no active rollout is considered lost."""
 SOURCE = "urn:retrain:decision"
 
 
@@ -217,6 +221,7 @@ class DecisionService:
                                                      on_committed=observe_events)
         self.decisions_made = 0
         self._warmed = False
+        self._last_replay = 0.0
 
     @classmethod
     def from_settings(cls, consumer_name: str, settings: Settings | None = None) -> "DecisionService":
@@ -257,7 +262,9 @@ class DecisionService:
 
     def after_batch(self) -> None:
         """Evaluate every model that is due (the batch's models were made due when it was recorded)."""
-        self.evaluate_due(time.time())
+        now = time.time()
+        self.evaluate_due(now)
+        self.replay_outbox(now)
 
     def evaluate_due(self, now: float | None = None) -> int:
         """Evaluate (up to ``MAX_DUE_PER_ROUND``) due models; return the number of decisions made."""
@@ -288,12 +295,16 @@ class DecisionService:
         pipe = self.redis.pipeline(transaction=True)
         events: list[CloudEvent] = []
         alerts: list[CloudEvent] = []
-        to_start: list[dict[str, Any]] = []
+        slots: list[tuple[dict[str, Any], int]] = []  # start records and their take-slot command's index
         finished: list[StoredState] = []
         made = 0
         failing = self._failing(list(states))
         for model, state in states.items():
-            policy = self.policies.get(model)
+            try:
+                policy = self.policies.get(model)
+            except Exception as exc:  # noqa: BLE001 - an unreadable policy file stops this model only
+                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=model in failing)
+                continue
             if policy is None:
                 record = self._record(model, state, now, action="suppress",
                                       reason=f"no policy for model {model!r} in {self.settings.policy_dir}")
@@ -330,16 +341,12 @@ class DecisionService:
             if guarded.action == "none":
                 continue
             made += 1
-            pipeline_id = None
-            if guarded.action == "start":
-                pipeline_id = f"p-{uuid.uuid4().hex[:16]}"
-                self.store.take_slot(pipe, model, pipeline_id, now)
+            pipeline_id = f"p-{uuid.uuid4().hex[:16]}" if guarded.action == "start" else None
             record = self._record(model, state, now, action=guarded.action, reason=guarded.reason,
                                   guarded=guarded.to_dict(), pipeline_id=pipeline_id, policy=policy)
             self.store.write_record(pipe, record)
             if guarded.action == "start":
-                events.append(self._event("retrain.decided", record))
-                to_start.append(record)
+                slots.append((record, self.store.take_slot(pipe, record, now)))
             else:
                 events.append(self._event("retrain.suppressed", record))
         # The bookkeeping of every evaluated model in one call; its keys are disjoint from the
@@ -347,7 +354,14 @@ class DecisionService:
         self.store.finish_many(pipe, finished, now)
         if token is not None:
             self.store.release_locks(list(states), token, pipe=pipe)
-        pipe.execute()
+        results = pipe.execute()
+        to_start: list[dict[str, Any]] = []
+        for record, index in slots:
+            if results[index]:
+                to_start.append(record)
+                events.append(self._event("retrain.decided", record))
+            else:
+                events.append(self._event("retrain.suppressed", self._slot_lost(record)))
         if events or alerts:
             self.bus.publish_many(events + alerts)
         webhook = webhook_url_from_settings(self.settings)
@@ -359,15 +373,30 @@ class DecisionService:
         self.decisions_made += made
         return made
 
+    def _slot_lost(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite a start whose slot another worker took meanwhile (our lock had expired) as a suppression."""
+        log.warning("decision.slot_taken_meanwhile", model=record["model"], decision_id=record["id"])
+        record.update(action="suppress", retrain=False, pipeline_id=None, queue=None,
+                      reason="single flight: another decision worker started a pipeline for this model meanwhile")
+        pipe = self.redis.pipeline(transaction=True)
+        self.store.write_record(pipe, record)
+        pipe.execute()
+        return record
+
     def _failing(self, models: list[str]) -> set[str]:
         """Which of ``models`` failed their last evaluation (one HMGET; usually none)."""
         errors = self.redis.hmget(self.keys.evaluation_errors(), models) if models else []
         return {m for m, e in zip(models, errors) if e is not None}
 
     def _stale_slot(self, state: StoredState, now: float) -> bool:
-        """Whether the model's single-flight slot is stale (then dropped from ``state``: the pipeline is lost)."""
+        """Whether the model's single-flight slot is stale (then dropped from ``state``: the pipeline is lost).
+
+        Stale: held longer than ``STALE_IN_FLIGHT_S`` while the model has no active rollout (a
+        rollout, paused ones included, holds the slot for as long as it lasts).
+        """
         since = state.guard.get("in_flight_since")
-        if state.guard.get("in_flight") and since and now - float(since) > STALE_IN_FLIGHT_S:
+        if (state.guard.get("in_flight") and since and now - float(since) > STALE_IN_FLIGHT_S
+                and not self.redis.sismember(self.keys.active_rollouts(), state.model)):
             log.warning("decision.stale_slot_cleared", model=state.model, pipeline_id=state.guard["in_flight"])
             state.guard.pop("in_flight", None)
             return True
@@ -427,17 +456,50 @@ class DecisionService:
             data = {"decision_id": record["id"], "reason": record["reason"], "triggers": fired}
         return new_event(etype, record["model"], data, source=SOURCE, id=f"{record['id']}:{etype}")
 
-    def _start(self, record: dict[str, Any]) -> None:
+    def _start(self, record: dict[str, Any]) -> bool:
+        """Enqueue the record's pipeline; on failure it stays in the outbox (slot kept) for :meth:`replay_outbox`."""
         try:
             self.enqueue(record)
-            self.redis.hset(self.keys.pipeline(record["model"], record["pipeline_id"]), mapping={
-                "decision_id": record["id"], "enqueued_at": f"{time.time():.6f}", "status": "enqueued"})
-            log.info("decision.pipeline_enqueued", model=record["model"], decision_id=record["id"],
-                     pipeline_id=record["pipeline_id"], queue=record["queue"], urgency=record["urgency"])
-        except Exception as exc:  # noqa: BLE001 - broker trouble: free the slot, say so
-            log.exception("decision.enqueue_failed", model=record["model"], decision_id=record["id"])
-            self.store.release(record["model"], record["pipeline_id"])
-            raise exc
+        except Exception as exc:  # noqa: BLE001 - broker trouble: the outbox keeps the decision
+            log.error("decision.enqueue_failed", model=record["model"], decision_id=record["id"],
+                      pipeline_id=record["pipeline_id"], error=f"{type(exc).__name__}: {exc}",
+                      retry_after_s=OUTBOX_GRACE_S)
+            return False
+        self.store.enqueued(record, time.time())
+        log.info("decision.pipeline_enqueued", model=record["model"], decision_id=record["id"],
+                 pipeline_id=record["pipeline_id"], queue=record["queue"], urgency=record["urgency"])
+        return True
+
+    def replay_outbox(self, now: float | None = None) -> int:
+        """Enqueue the decided pipelines that never reached Celery (broker error, or a worker died in between).
+
+        Runs at most every ``OUTBOX_REPLAY_S`` per service and looks only at decisions older than
+        ``OUTBOX_GRACE_S`` (younger ones are being enqueued by the worker that made them). A
+        per-model lock keeps two services from replaying one entry at once; if a replay still
+        doubles an enqueue, the steps' own idempotency (pipeline id + step) makes that harmless.
+        Returns the number enqueued.
+        """
+        now = now or time.time()
+        if now - self._last_replay < OUTBOX_REPLAY_S:
+            return 0
+        self._last_replay = now
+        started = 0
+        for pipeline_id, record in self.store.outbox().items():
+            if now - float(record["timestamp"]) < OUTBOX_GRACE_S:
+                continue
+            model = record["model"]
+            if not self.store.holds_slot(model, pipeline_id):  # released or cleared since: nothing to start
+                self.redis.hdel(self.keys.enqueue_outbox(), pipeline_id)
+                continue
+            lock = self.keys.lock(model, "enqueue")
+            if not self.redis.set(lock, self.consumer_name, nx=True, px=60_000):
+                continue
+            try:
+                self.bus.publish(self._event("retrain.decided", record))  # same id: a no-op if it went out
+                started += self._start(record)
+            finally:
+                self.redis.delete(lock)
+        return started
 
 
 def _warm_up_enqueue() -> None:

@@ -144,6 +144,19 @@ end
 return n
 """
 
+TAKE_SLOT = """
+-- KEYS: guard, trainings, enqueue outbox ; ARGV: pipeline_id, now, trainings kept since, decision record
+-- Takes the single-flight slot unless another pipeline holds it (a worker whose evaluation lock
+-- expired mid-round): then nothing is written and the caller does not start its pipeline.
+local held = redis.call('HGET', KEYS[1], 'in_flight')
+if held and held ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'in_flight', ARGV[1], 'in_flight_since', ARGV[2], 'last_training', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+return 1
+"""
+
 RELEASE_PIPELINE = """
 -- KEYS: guard, due ; ARGV: pipeline_id, model, now
 if redis.call('HGET', KEYS[1], 'in_flight') ~= ARGV[1] then return 0 end
@@ -407,13 +420,35 @@ class DecisionStore:
                 args += (field_name, value)
         pipe.eval(FINISH_MANY, len(script_keys), *script_keys, *args)
 
-    def take_slot(self, pipe, model: str, pipeline_id: str, now: float) -> None:
-        """Queue: mark a pipeline in flight and count it against the budget and cooldown."""
+    def take_slot(self, pipe, record: dict[str, Any], now: float) -> int:
+        """Queue: take the model's single-flight slot for the record's pipeline, unless another holds it.
+
+        Taking it counts the training against the budget and cooldown and puts the record in
+        the enqueue outbox (see :meth:`outbox`), all in the caller's transaction. Returns the
+        command's index in ``pipe``: its result is 1 when taken, 0 when another pipeline holds it.
+        """
+        k, model, pipeline_id = self.keys, record["model"], record["pipeline_id"]
+        index = len(pipe)
+        pipe.eval(TAKE_SLOT, 3, k.guard(model), k.trainings(model), k.enqueue_outbox(), pipeline_id,
+                  f"{now:.6f}", f"{now - 86400 * 7:.6f}", json.dumps(record, default=str))
+        return index
+
+    def outbox(self) -> dict[str, dict[str, Any]]:
+        """Decided pipelines not yet confirmed enqueued on Celery: pipeline id -> decision record."""
+        return {_str(pid): json.loads(raw) for pid, raw in self.redis.hgetall(self.keys.enqueue_outbox()).items()}
+
+    def enqueued(self, record: dict[str, Any], when: float) -> None:
+        """The record's pipeline is on Celery: note it on the pipeline (status only if no step wrote one) and clear the outbox."""
         k = self.keys
-        pipe.hset(k.guard(model), mapping={"in_flight": pipeline_id, "in_flight_since": f"{now:.6f}",
-                                           "last_training": f"{now:.6f}"})
-        pipe.zadd(k.trainings(model), {pipeline_id: now})
-        pipe.zremrangebyscore(k.trainings(model), "-inf", now - 86400 * 7)
+        pipe = self.redis.pipeline(transaction=True)
+        key = k.pipeline(record["model"], record["pipeline_id"])
+        pipe.hset(key, mapping={"decision_id": record["id"], "enqueued_at": f"{when:.6f}"})
+        pipe.hsetnx(key, "status", "enqueued")
+        pipe.hdel(k.enqueue_outbox(), record["pipeline_id"])
+        pipe.execute()
+
+    def holds_slot(self, model: str, pipeline_id: str) -> bool:
+        return _str(self.redis.hget(self.keys.guard(model), "in_flight") or b"") == pipeline_id
 
     def release(self, model: str, pipeline_id: str, now: float | None = None) -> int:
         """Free the model's single-flight slot if ``pipeline_id`` holds it; re-arm a follow-up.
