@@ -50,6 +50,25 @@ class TestMonitor:
         upstream = [e for e in published if e["type"] == "upstream.changed"][-1]
         assert upstream["data"]["removed"] == ["region"] and upstream["data"]["breaking"] is True
 
+        # Ids: a re-run in the same slot on the same data (a redelivered task) repeats them; new rows are news.
+        from workers.monitor import run_monitors
+        from workers.policies import PolicyStore
+
+        policy = PolicyStore(env["RETRAIN_POLICY_DIR"]).get("churn")
+        now = datetime.now(timezone.utc).timestamp()
+
+        def run() -> dict[str, str]:
+            seen = redis_client.xlen(keys.events_for("churn"))
+            summary = run_monitors(redis_client, keys, "churn", policy, now=now)
+            new = [json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for("churn"))][seen:]
+            assert [e["type"] for e in new] == summary["published"]
+            return {e["type"]: e["id"] for e in new}
+
+        first, again = run(), run()
+        assert first == again and {"drift.data", "volume.accumulated", "upstream.changed"} <= set(first)
+        write_days(tmp_path / "data" / "churn" / "newer", days=1, rows_per_day=50, end=tomorrow, seed=10)
+        assert run()["volume.accumulated"] != first["volume.accumulated"]
+
     def test_monitor_without_policy_is_exit_2(self, redis_server, tmp_path):
         """An unknown model: one line, exit 2."""
         env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url, "RETRAIN_POLICY_DIR": str(tmp_path)}

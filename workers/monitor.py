@@ -6,8 +6,10 @@ pruned), upstream schema changes (against the schema recorded at training), live
 (router predictions joined with delayed labels) and concept drift (the production version's
 live scores against its holdout scores). Used by ``retrain monitor MODEL`` and by the periodic
 ``retrain.monitor_all`` task, which runs each model on its policy's ``monitor_interval``.
-Event ids are derived from the model and the run's time slot, so a re-delivered task has no
-second effect.
+Event ids are derived from the model, the run's time slot, the production version and the
+measurement itself: a re-delivered task (same slot, same data) has no second effect, while a
+run that measures something new (more rows, a new production version, a manual
+``retrain monitor``) is news even inside the slot.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ RECENT_SCORES = 5000
 NO_UPPER_BOUND_DAYS = 3650
 
 
-def _slot_id(model: str, kind: str, slot: int) -> str:
-    return "mon-" + hashlib.sha256(f"{model}:{kind}:{slot}".encode()).hexdigest()[:32]
+def _measurement_id(event, slot: int, version) -> str:
+    """The event's id: the same measurement in the same slot of the same production version is one event."""
+    data = json.dumps(event.data, sort_keys=True, default=str)
+    key = f"{event.subject}:{event.type}:{slot}:{version}:{data}"
+    return "mon-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _dt(value: str | None) -> datetime | None:
@@ -58,8 +63,9 @@ def run_monitors(client, keys, model: str, policy, *, now: float | None = None, 
     trained_until = _dt((record.data_window or {}).get("end"))
     events = []
     if policy.data.source and trained_until is not None:
-        events += _data_monitors(model, policy, record, trained_until, slot, summary)
-    events += _live_monitors(client, keys, model, policy, record, slot, summary)
+        events += _data_monitors(model, policy, record, trained_until, summary)
+    events += _live_monitors(client, keys, model, policy, record, summary)
+    events = [e.model_copy(update={"id": _measurement_id(e, slot, production)}) for e in events]
     if publish and events:
         if bus is None:
             from config.settings import get_settings
@@ -72,7 +78,7 @@ def run_monitors(client, keys, model: str, policy, *, now: float | None = None, 
     return summary
 
 
-def _data_monitors(model, policy, record, trained_until, slot, summary) -> list:
+def _data_monitors(model, policy, record, trained_until, summary) -> list:
     from events.monitors.drift import ReferenceProfile, check_drift
     from events.producers.upstream import compare_schemas, schema_fingerprint, schema_of_source, upstream_event
     from events.producers.volume import scan_new_rows, volume_event
@@ -84,8 +90,7 @@ def _data_monitors(model, policy, record, trained_until, slot, summary) -> list:
     try:
         scan = scan_new_rows(source, time_column, trained_until)
         summary["volume"] = scan.rows if hasattr(scan, "rows") else int(scan)
-        events.append(volume_event(model, summary["volume"], trained_until, source=SOURCE,
-                                   event_id=_slot_id(model, "volume", slot)))
+        events.append(volume_event(model, summary["volume"], trained_until, source=SOURCE))
     except Exception as exc:  # noqa: BLE001 - a monitor failing must not hide the others
         summary["notes"].append(f"volume: {exc}")
     try:
@@ -120,14 +125,13 @@ def _data_monitors(model, policy, record, trained_until, slot, summary) -> list:
         events.append(new_event("drift.data", model, {
             "drift_score": report.drift_score, "drifted_features": report.drifted_features,
             "dataset_drift": report.dataset_drift, "features": full["features"][:MAX_FEATURES_IN_EVENT],
-            "reference_version": str(record.version), "rows": len(frame)}, source=SOURCE,
-            id=_slot_id(model, "drift", slot)))
+            "reference_version": str(record.version), "rows": len(frame)}, source=SOURCE))
     except (DataError, OSError, ValueError) as exc:
         summary["notes"].append(f"drift: {exc}")
     return events
 
 
-def _live_monitors(client, keys, model, policy, record, slot, summary) -> list:
+def _live_monitors(client, keys, model, policy, record, summary) -> list:
     from events.monitors.drift import prediction_drift
     from events.producers.performance import measure_performance, performance_event, read_request_log
 
@@ -143,8 +147,7 @@ def _live_monitors(client, keys, model, policy, record, slot, summary) -> list:
     if m.value is not None:
         baseline = (record.metrics or {}).get("primary")
         summary["performance"] = {"metric": m.metric, "value": m.value, "n_labeled": m.n_labeled}
-        events.append(performance_event(model, m, baseline=baseline, version=version, source=SOURCE,
-                                        event_id=_slot_id(model, "performance", slot)))
+        events.append(performance_event(model, m, baseline=baseline, version=version, source=SOURCE))
     if record.reference_scores and "score" in predictions:
         mine = predictions[(predictions.get("version") == version) & (~predictions.get("shadow", False).astype(bool))]
         scores = mine["score"].dropna().tail(RECENT_SCORES)
@@ -155,7 +158,7 @@ def _live_monitors(client, keys, model, policy, record, slot, summary) -> list:
                 summary["concept_drift"] = value
                 events.append(new_event("drift.concept", model, {
                     "value": float(value), "metric": policy.triggers.concept_drift_metric,
-                    "reference_version": version}, source=SOURCE, id=_slot_id(model, "concept", slot)))
+                    "reference_version": version}, source=SOURCE))
     return events
 
 
