@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     rollout_tick: Duration = timedelta(seconds=5)
     """How often beat asks the rollout workers to look at every active rollout."""
     housekeeping_interval: Duration = timedelta(minutes=10)
+    decision_retention: Duration = timedelta(days=90)
+    """Decision records older than this are deleted by the periodic housekeeping."""
 
     # Security and integrations.
     ingest_token: SecretStr | None = None

@@ -325,6 +325,25 @@ class TestStaleSlot:
             assert redis_client.hget(keys.guard("churn"), "follow_up") == b"1"
 
 
+class TestRetention:
+    def test_housekeeping_deletes_decision_records_past_their_retention(self, make_service, redis_client, keys):
+        """Records older than decision_retention (90 days) go with their index entries; newer ones stay and still explain."""
+        from workers.tasks import housekeeping
+
+        svc = make_service()
+        now = time.time()
+        pipe = redis_client.pipeline(transaction=True)
+        for i, age_days in enumerate((200, 91, 89, 1)):
+            svc.store.write_record(pipe, {"id": f"d-{i}", "model": "churn", "timestamp": now - age_days * 86400,
+                                          "action": "suppress"})
+        redis_client.sadd(keys.models(), "churn")
+        pipe.execute()
+        assert housekeeping()["decision_records_deleted"] == 2
+        assert [svc.store.get_record(f"d-{i}") is not None for i in range(4)] == [False, False, True, True]
+        assert redis_client.zcard(keys.decisions("churn")) == 2 and redis_client.hlen(keys.decision_index()) == 2
+        assert housekeeping()["decision_records_deleted"] == 0
+
+
 class TestBrokenState:
     def test_a_model_whose_state_cannot_be_read_is_retried_alone_with_one_alert(self, make_service, redis_client, keys):
         """Bad JSON in one model's production record and a wrong-type key in another: the healthy model is decided, the two are retried later with one alert each, and decided once fixed."""

@@ -13,14 +13,21 @@ def echo(value, label: str = ""):
 
 @app.task(name="retrain.housekeeping", ignore_result=True)
 def housekeeping() -> dict:
-    """Trim the event streams by the configured retention (MINID), beside MAXLEN~ on every add."""
+    """Trim the event streams by their retention (MINID, beside MAXLEN~ on every add) and old decision records."""
+    import time
+
+    from config.keys import keys_from_settings
     from config.settings import get_settings
     from events.bus import EventBus
     from workers.connections import get_redis
+    from workers.decision.state import DecisionStore
 
     s = get_settings()
-    trimmed = EventBus.from_settings(get_redis(s), s).trim_older_than(s.stream_retention.total_seconds())
-    return {"trimmed": trimmed}
+    client = get_redis(s)
+    trimmed = EventBus.from_settings(client, s).trim_older_than(s.stream_retention.total_seconds())
+    records = DecisionStore(client, keys_from_settings(s)).trim_records(
+        time.time() - s.decision_retention.total_seconds())
+    return {"trimmed": trimmed, "decision_records_deleted": records}
 
 
 @app.task(name="retrain.monitor_all", ignore_result=True, acks_late=True)

@@ -466,6 +466,27 @@ class DecisionStore:
         pipe.zadd(k.decisions(model), {did: record["timestamp"]})
         pipe.hset(k.decision_index(), did, model)
 
+    def trim_records(self, older_than: float, batch: int = 1000) -> int:
+        """Delete decision records (record, per-model index entry, global id entry) decided before ``older_than``.
+
+        Visits every known model; at most ``batch`` records per model per call, so one
+        housekeeping run stays short and the next one continues. Returns how many were deleted.
+        """
+        k, deleted = self.keys, 0
+        for raw in self.redis.smembers(k.models()):
+            model = _str(raw)
+            ids = [_str(d) for d in self.redis.zrangebyscore(k.decisions(model), "-inf", f"({older_than}",
+                                                              start=0, num=batch)]
+            if not ids:
+                continue
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.delete(*[k.decision(model, d) for d in ids])
+            pipe.zrem(k.decisions(model), *ids)
+            pipe.hdel(k.decision_index(), *ids)
+            pipe.execute()
+            deleted += len(ids)
+        return deleted
+
     def get_record(self, decision_id: str) -> dict[str, Any] | None:
         model = self.redis.hget(self.keys.decision_index(), decision_id)
         if model is None:
