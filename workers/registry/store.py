@@ -39,6 +39,18 @@ return v
 """
 
 
+ALIAS_HISTORY_MAXLEN = 10_000
+"""Alias moves kept per model (approximately): decades of daily promotions."""
+SET_ALIAS = """
+-- KEYS: aliases, alias history ; ARGV: alias, version ('' removes it), at, who, why, history maxlen
+local previous = redis.call('HGET', KEYS[1], ARGV[1]) or ''
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*', 'alias', ARGV[1], 'version', ARGV[2],
+           'previous', previous, 'at', ARGV[3], 'who', ARGV[4], 'why', ARGV[5])
+return previous
+"""
+
+
 class RegistryError(LookupError):
     pass
 
@@ -139,8 +151,12 @@ class Registry:
     def models(self) -> list[str]:
         return sorted(m.decode() for m in self.redis.smembers(self.keys.models()))
 
-    def update(self, model: str, version: int, **changes: Any) -> ModelVersion:
-        """Change fields of a version record atomically (WATCH/MULTI)."""
+    def update(self, model: str, version: int, *, note: dict[str, Any] | None = None, **changes: Any) -> ModelVersion:
+        """Change fields of a version record atomically (WATCH/MULTI); ``note`` is appended to its notes.
+
+        The note is appended to the notes read inside the transaction, so concurrent writers
+        never drop each other's notes.
+        """
         key = self.keys.versions(model)
         with self.redis.pipeline() as pipe:
             while True:
@@ -151,6 +167,8 @@ class Registry:
                         raise RegistryError(f"model {model!r} has no version {version}")
                     data = json.loads(raw)
                     data.update(changes)
+                    if note is not None:
+                        data["notes"] = [*(data.get("notes") or []), {"at": utcnow_iso(), **note}]
                     pipe.multi()
                     pipe.hset(key, str(version), json.dumps(data))
                     pipe.execute()
@@ -161,13 +179,10 @@ class Registry:
     def set_status(self, model: str, version: int, status: str, *, who: str = "system", why: str = "") -> ModelVersion:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        current = self.get(model, version)
-        notes = current.notes + [{"at": utcnow_iso(), "status": status, "who": who, "why": why}]
-        return self.update(model, version, status=status, notes=notes)
+        return self.update(model, version, status=status, note={"status": status, "who": who, "why": why})
 
     def add_note(self, model: str, version: int, **note: Any) -> ModelVersion:
-        current = self.get(model, version)
-        return self.update(model, version, notes=current.notes + [{"at": utcnow_iso(), **note}])
+        return self.update(model, version, note=note)
 
     # --- aliases -----------------------------------------------------------------------
     def alias(self, model: str, alias: str) -> int | None:
@@ -179,21 +194,14 @@ class Registry:
 
     def set_alias(self, model: str, alias: str, version: int | None, *, who: str = "system", why: str = "",
                   pipe=None) -> None:
-        """Point an alias at a version (None removes it) and append the move to the history."""
-        previous = self.alias(model, alias)
-        own = pipe is None
-        p = self.redis.pipeline(transaction=True) if own else pipe
-        if version is None:
-            p.hdel(self.keys.aliases(model), alias)
-        else:
-            p.hset(self.keys.aliases(model), alias, version)
-        p.xadd(self.keys.alias_history(model), {
-            "alias": alias, "version": "" if version is None else str(version),
-            "previous": "" if previous is None else str(previous),
-            "at": f"{time.time():.6f}", "who": who, "why": why,
-        })
-        if own:
-            p.execute()
+        """Point an alias at a version (None removes it) and append the move to the history.
+
+        One script: the history's ``previous`` is the value the move replaced, even with
+        concurrent movers. The history keeps about ``ALIAS_HISTORY_MAXLEN`` moves per model.
+        """
+        args = (alias, "" if version is None else str(version), f"{time.time():.6f}", who, why, ALIAS_HISTORY_MAXLEN)
+        # EVAL (not EVALSHA): it may be queued into the caller's transaction (see decision.service).
+        (pipe or self.redis).eval(SET_ALIAS, 2, self.keys.aliases(model), self.keys.alias_history(model), *args)
 
     def alias_history(self, model: str, alias: str | None = None) -> list[AliasMove]:
         out = []
