@@ -8,6 +8,13 @@ consumer are reclaimed with XAUTOCLAIM; an entry delivered ``max_deliveries`` ti
 that is not a valid event, moves to the dead-letter stream with the reason and the original
 payload. Delivery is at least once; effects are once per event id.
 
+Trimming never drops an event unaccounted for. Retention (``trim_older_than``, XTRIM MINID) stops
+at the oldest entry a consumer group has pending or not yet delivered. The memory bound
+(``MAXLEN ~`` on every add) can still take entries a group lags behind on: a pending entry
+whose payload was trimmed gets a dead-letter entry with its id, and entries trimmed before
+they were ever delivered get one dead-letter entry with their count (that count needs the
+group lag of Redis 7 or later).
+
 Hot paths are written for CPU per event (the bus shares a small machine with Redis and the
 workers): the publisher writes each chunk with one script call per shard instead of one XADD
 command per event; the consumer reads raw replies (no per-entry dict building) and keeps its
@@ -31,7 +38,7 @@ import redis
 import structlog
 
 from config.keys import Keys
-from events.envelope import CloudEvent, EventError, parse_event
+from events.envelope import CloudEvent, EventError, parse_event, stream_json
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +55,99 @@ for i = 2, #ARGV do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', ARGV[i])
 end
 return #ARGV - 1
+"""
+
+TRIMMED_REASON = "trimmed from the stream before it was handled"
+"""Dead-letter reason of a pending entry whose payload was trimmed away (the payload is unknown)."""
+
+# Dead-letters entries that were deleted while pending, each once: an id still pending is
+# acked and recorded in one step, so two consumers that both see it record it once.
+DEAD_LETTER_GONE = """
+-- KEYS[1]: the stream ; KEYS[2]: the dead-letter stream
+-- ARGV[1]: group ; ARGV[2]: reason ; ARGV[3]: time ; ARGV[4]: dead-letter MAXLEN (approximate)
+-- ARGV[5]: '1' when the ids already left the pending list (XAUTOCLAIM takes deleted ones out)
+-- ARGV[6..]: entry ids
+local n = 0
+for i = 6, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 or ARGV[5] == '1' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'reason', ARGV[2], 'payload', '',
+               'stream', KEYS[1], 'entry_id', ARGV[i], 'time', ARGV[3], 'group', ARGV[1])
+    n = n + 1
+  end
+end
+return n
+"""
+
+# Accounts, once, for what trimming took from one group on one stream: pending entries older
+# than the first entry left (their payload is gone) and entries trimmed before they were ever
+# delivered. The second needs Redis 7+ and a group that has read before (a valid read
+# counter): its lag then counts every entry added and not delivered, trimmed ones included, so
+# lag minus the entries still there to deliver is the loss. That is known while the group is
+# behind the first entry, or caught up with the last; the counter is then reset (XGROUP SETID
+# ENTRIESREAD) so the same loss is never counted twice.
+SETTLE_TRIMMED = """
+-- KEYS[1]: the stream ; KEYS[2]: the dead-letter stream
+-- ARGV[1]: group ; ARGV[2]: time ; ARGV[3]: dead-letter MAXLEN ; ARGV[4]: most pending entries per call
+-- ARGV[5]: reason for a pending entry ; ARGV[6]: reason for undelivered ones (after their count)
+-- returns {pending entries dead-lettered, entries trimmed before delivery}
+if redis.call('EXISTS', KEYS[1]) == 0 then return {0, 0} end
+local function map(flat)
+  local t = {}
+  for i = 1, #flat, 2 do t[flat[i]] = flat[i + 1] end
+  return t
+end
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, bm = tonumber(am), tonumber(bm)
+  return am < bm or (am == bm and tonumber(as) < tonumber(bs))
+end
+local function dead_letter(id, reason)
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'reason', reason, 'payload', '',
+             'stream', KEYS[1], 'entry_id', id, 'time', ARGV[2], 'group', ARGV[1])
+end
+local info = map(redis.call('XINFO', 'STREAM', KEYS[1]))
+local first = info['first-entry'] and info['first-entry'][1] or nil
+local settled = 0
+local gone = redis.call('XPENDING', KEYS[1], ARGV[1], '-', first and ('(' .. first) or '+', ARGV[4])
+for _, p in ipairs(gone) do
+  if redis.call('XACK', KEYS[1], ARGV[1], p[1]) == 1 then
+    dead_letter(p[1], ARGV[5])
+    settled = settled + 1
+  end
+end
+local group
+for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local t = map(g)
+  if t['name'] == ARGV[1] then group = t end
+end
+if not group or type(group['lag']) ~= 'number' or type(group['entries-read']) ~= 'number' then
+  return {settled, 0}
+end
+local last = group['last-delivered-id']
+local behind = first and before(last, first)
+local present
+if behind or not first then
+  present = info['length']
+elseif last == info['last-generated-id'] then
+  present = 0
+else
+  return {settled, 0}
+end
+local lost = group['lag'] - present
+if lost <= 0 then return {settled, 0} end
+local upto = info['last-generated-id']
+if behind then
+  local ms, seq = string.match(first, '^(%d+)-(%d+)$')
+  if tonumber(seq) > 0 then
+    upto = ms .. '-' .. string.format('%.0f', tonumber(seq) - 1)
+  else
+    upto = string.format('%.0f', tonumber(ms) - 1) .. '-18446744073709551615'
+  end
+end
+dead_letter('(' .. last .. ' .. ' .. upto .. ']', lost .. ' ' .. ARGV[6])
+redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], upto, 'ENTRIESREAD', info['entries-added'] - present)
+return {settled, lost}
 """
 
 Handler = Callable[[list[CloudEvent], "redis.client.Pipeline"], None]
@@ -103,7 +203,7 @@ class EventBus:
         for index, item in enumerate(events):
             try:
                 event = item if isinstance(item, CloudEvent) else parse_event(item, max_bytes=max_bytes)
-                payload = event.to_json()
+                payload = stream_json(event)
                 if len(payload) > max_bytes:
                     raise EventError(f"event is {len(payload)} bytes, over the limit of {max_bytes}")
             except EventError as exc:
@@ -142,9 +242,54 @@ class EventBus:
         return self.redis.xadd(stream, {PAYLOAD_FIELD: payload}, maxlen=self.maxlen, approximate=True)
 
     def trim_older_than(self, seconds: float) -> int:
-        """Drop entries older than ``seconds`` from every shard (XTRIM MINID ~)."""
-        min_id = f"{int((time.time() - seconds) * 1000)}-0"
-        return sum(self.redis.xtrim(s, minid=min_id, approximate=False) or 0 for s in self.keys.all_event_streams())
+        """Drop entries older than ``seconds`` from every shard (XTRIM MINID); return how many.
+
+        Never an entry a consumer group still needs: the cut stops at the oldest entry any
+        group has pending or has not been delivered yet (a group behind by more than the
+        retention keeps the stream long). How many old entries were kept back is logged.
+        """
+        wanted = (int((time.time() - seconds) * 1000), 0)
+        trimmed = 0
+        for stream in self.keys.all_event_streams():
+            needed, group = self._oldest_needed(stream)
+            cut = wanted if needed is None else min(wanted, needed)
+            trimmed += self.redis.xtrim(stream, minid=_id_text(cut), approximate=False) or 0
+            if cut < wanted:
+                kept = self._count_older(stream, _id_text(wanted))
+                if kept:
+                    log.warning("bus.trim_held_back", stream=stream, kept=kept, group=group,
+                                oldest_needed=_id_text(cut))
+        return trimmed
+
+    def _oldest_needed(self, stream: str) -> tuple[tuple[int, int] | None, str | None]:
+        """The oldest entry id of ``stream`` some group has pending or not yet delivered, and that group."""
+        try:
+            groups = self.redis.xinfo_groups(stream)
+        except redis.ResponseError:  # no such stream
+            return None, None
+        oldest: tuple[int, int] | None = None
+        holder = None
+        for group in groups:
+            ms, seq = _id_tuple(group["last-delivered-id"])
+            needed = (ms, seq + 1)  # the first entry not delivered yet
+            if group["pending"]:
+                oldest_pending = self.redis.xpending(stream, group["name"])["min"]
+                if oldest_pending is not None:  # None: acked since XINFO
+                    needed = min(needed, _id_tuple(oldest_pending))
+            if oldest is None or needed < oldest:
+                oldest, holder = needed, _s(group["name"])
+        return oldest, holder
+
+    def _count_older(self, stream: str, before: str, limit: int = 100_000) -> int:
+        """How many entries of ``stream`` have an id below ``before`` (counted up to ``limit``)."""
+        count, start = 0, "-"
+        while count < limit:
+            page = self.redis.xrange(stream, min=start, max=f"({before}", count=1000)
+            if not page:
+                break
+            count += len(page)
+            start = f"({_s(page[-1][0])}"
+        return count
 
     # --- dead letters ------------------------------------------------------------------
     def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
@@ -167,6 +312,15 @@ def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _id_tuple(entry_id: str | bytes) -> tuple[int, int]:
+    ms, _, seq = _s(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
+def _id_text(entry_id: tuple[int, int]) -> str:
+    return f"{entry_id[0]}-{entry_id[1]}"
+
+
 @dataclass
 class ConsumerStats:
     read: int = 0
@@ -175,6 +329,8 @@ class ConsumerStats:
     dead_lettered: int = 0
     reclaimed: int = 0
     failed_batches: int = 0
+    trimmed: int = 0
+    """Entries trimmed from the stream before this consumer's group handled them (each dead-lettered)."""
 
 
 class StreamConsumer:
@@ -221,7 +377,8 @@ class StreamConsumer:
         self._shard_of: dict[str, int] = {}
         self._stopping = False
         self._last_claim = 0.0
-        self._own_pending_done = False
+        self._own_pending: dict[str, str] = dict.fromkeys(self.streams, "0")
+        """Per stream, the id after which our own pending entries are still to be re-read (a restart)."""
         self._trim_counter = 0
 
     @classmethod
@@ -270,14 +427,12 @@ class StreamConsumer:
 
     def poll(self, block_ms: int | None = None) -> int:
         """Read, handle and ack one batch; return how many entries were processed."""
-        entries: list[tuple[str, str, dict]] = []
-        if not self._own_pending_done:
-            # After a restart under the same name, our own unacked entries come first.
-            entries = self._read("0", block_ms=None)
-            if not entries:
-                self._own_pending_done = True
+        entries: list[tuple[str, Any, Any]] = []
+        if self._own_pending:
+            entries = self._read_own_pending()
         if not entries and time.monotonic() - self._last_claim > self.claim_idle_ms / 1000 / 2:
             self._last_claim = time.monotonic()
+            self.settle_trimmed()
             entries = self.reclaim()
         if not entries:
             entries = self._read(">", block_ms=self.block_ms if block_ms is None else block_ms)
@@ -289,24 +444,83 @@ class StreamConsumer:
                 self.process(entries)
         return len(entries)
 
+    def _read_own_pending(self) -> list[tuple[str, Any, Any]]:
+        """The next batch of entries left pending under this consumer's name (after a restart).
+
+        One pass: each such entry is tried once more here, in order. One that fails again stays
+        pending and is not re-read by this pass, so a poison entry cannot hold back new
+        entries; the reclaim path (XAUTOCLAIM also claims one's own idle entries) retries it
+        and dead-letters it after ``max_deliveries``.
+        """
+        cursors = self._own_pending
+        reply = self._xreadgroup(list(cursors), list(cursors.values()), block_ms=None)
+        left = {_s(stream): items[-1][0] for stream, items in reply if items}
+        self._own_pending = {stream: _s(last) for stream, last in left.items()}
+        return self._entries(reply)
+
     def _read(self, start: str, block_ms: int | None) -> list[tuple[str, Any, Any]]:
         """XREADGROUP over every shard; entries as (stream, entry id, raw fields)."""
+        return self._entries(self._xreadgroup(self.streams, [start] * len(self.streams), block_ms))
+
+    def _xreadgroup(self, streams: list[str], ids: list[str], block_ms: int | None) -> list[tuple[Any, list]]:
+        """One XREADGROUP, the raw reply as (stream, [(entry id, raw fields), ...]) pairs."""
         args: list[Any] = ["XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", self.batch_size]
         if block_ms is not None:
             args += ["BLOCK", block_ms]
-        args += ["STREAMS", *self.streams, *([start] * len(self.streams))]
+        args += ["STREAMS", *streams, *ids]
         reply = self._raw.execute_command(*args)
         if not reply:
             return []
+        return list(reply.items()) if isinstance(reply, dict) else reply
+
+    def _entries(self, reply: list[tuple[Any, list]]) -> list[tuple[str, Any, Any]]:
+        """Flatten a read reply to (stream, entry id, raw fields); dead-letter entries trimmed while pending."""
         out: list[tuple[str, Any, Any]] = []
-        for stream, items in (reply.items() if isinstance(reply, dict) else reply):
+        for stream, items in reply:
             stream = _s(stream)
             gone = [entry_id for entry_id, fields in items if not fields]
-            if gone:  # a deleted entry still pending shows with no fields
-                self.redis.xack(stream, self.group, *gone)
+            if gone:  # a pending entry whose payload was trimmed shows with no fields
+                self._dead_letter_gone(stream, gone)
                 items = [item for item in items if item[1]]
             out += [(stream, entry_id, fields) for entry_id, fields in items]
         return out
+
+    def _dead_letter_gone(self, stream: str, entry_ids: Sequence[Any], *, left_pending: bool = False) -> int:
+        """Dead-letter (reason, entry id; the payload is gone) and ack entries deleted while pending, each once."""
+        written = self.redis.eval(
+            DEAD_LETTER_GONE, 2, stream, self.keys.dead_letters(), self.group, TRIMMED_REASON,
+            f"{time.time():.3f}", MAX_DEAD_LETTER_LEN, "1" if left_pending else "0", *entry_ids)
+        if written:
+            self.stats.dead_lettered += written
+            self.stats.trimmed += written
+            log.warning("bus.trimmed_before_handled", stream=stream, group=self.group, count=written,
+                        entry_ids=[_s(i) for i in entry_ids[:20]])
+        return written
+
+    def settle_trimmed(self) -> int:
+        """Dead-letter what trimming took from this group before it was handled; return how many entries.
+
+        Each pending entry older than the first entry left in its stream (``MAXLEN ~`` took its
+        payload) gets a dead-letter entry with its id, and is acked. Entries trimmed before they
+        were ever delivered (a group more than ``maxlen`` entries behind) get one dead-letter
+        entry with their count, seen while the group is still behind them or once it has caught
+        up; this part needs Redis 7 or later and a group that has read before (the group lag).
+        Both run as one script per stream, so a loss is recorded once however many consumers look.
+        """
+        total = 0
+        for stream in self.streams:
+            settled, lost = self.redis.eval(
+                SETTLE_TRIMMED, 2, stream, self.keys.dead_letters(), self.group, f"{time.time():.3f}",
+                MAX_DEAD_LETTER_LEN, self.batch_size, TRIMMED_REASON,
+                "entries trimmed from the stream before they were delivered")
+            if settled:
+                log.warning("bus.trimmed_before_handled", stream=stream, group=self.group, count=settled)
+            if lost:
+                log.warning("bus.trimmed_before_delivered", stream=stream, group=self.group, count=lost)
+            self.stats.dead_lettered += settled + (1 if lost else 0)
+            self.stats.trimmed += settled + lost
+            total += settled + lost
+        return total
 
     def reclaim(self) -> list[tuple[str, str, dict]]:
         """XAUTOCLAIM entries idle on dead consumers; dead-letter those delivered too often."""
@@ -314,9 +528,11 @@ class StreamConsumer:
         for stream in self.streams:
             reply = self.redis.xautoclaim(stream, self.group, self.consumer, self.claim_idle_ms,
                                           start_id="0-0", count=self.batch_size)
-            items = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
-            for gone in (reply[2] if len(reply) > 2 else []):  # deleted while pending
-                self.redis.xack(stream, self.group, gone)
+            items = [(entry_id, fields) for entry_id, fields in reply[1] if entry_id is not None and fields]
+            if len(reply) > 2 and reply[2]:  # Redis 7: deleted while pending, already out of the pending list
+                self._dead_letter_gone(stream, reply[2], left_pending=True)
+            # Redis 6.2 shows such entries as nil, without their id, and leaves them pending:
+            # settle_trimmed() finds them by id (pending, older than the first entry).
             if not items:
                 continue
             info = self.redis.xpending_range(stream, self.group, min=items[0][0], max=items[-1][0],

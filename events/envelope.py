@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 from typing_extensions import NotRequired, TypedDict
 
 from events.types import EVENT_TYPES, EventData
@@ -105,7 +106,7 @@ def _data_check(cls: type[EventData]) -> Callable[[dict[str, Any]], Any]:
     """
     d = cls.__pydantic_decorators__
     plain = not (d.validators or d.field_validators or d.root_validators or d.model_validators)
-    plain = plain and set(cls.model_config) <= {"extra", "frozen"}
+    plain = plain and set(cls.model_config) <= {"extra", "frozen", "allow_inf_nan"}
     plain = plain and not any(i.alias or i.validation_alias or i.discriminator for i in cls.model_fields.values())
     if not plain:
         return cls.__pydantic_validator__.validate_python
@@ -114,7 +115,8 @@ def _data_check(cls: type[EventData]) -> Callable[[dict[str, Any]], Any]:
         annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         fields[name] = annotation if info.is_required() else NotRequired[annotation]
     shape = TypedDict(f"{cls.__name__}Data", fields)  # type: ignore[operator]
-    shape.__pydantic_config__ = ConfigDict(extra=cls.model_config.get("extra", "ignore"))  # type: ignore[attr-defined]
+    shape.__pydantic_config__ = ConfigDict(  # type: ignore[attr-defined]
+        extra=cls.model_config.get("extra", "ignore"), allow_inf_nan=cls.model_config.get("allow_inf_nan", True))
     return TypeAdapter(shape).validator.validate_python
 
 
@@ -130,8 +132,36 @@ def _reason(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_NESTING_TO_VERIFY = 150
+"""JSON with fewer brackets than this nests less deep than the parser's recursion limit."""
+
+
+def stream_json(event: CloudEvent) -> str:
+    """The JSON of ``event`` as written to the stream; raise :class:`EventError` if it would not read back.
+
+    An event built from a dict (``new_event``, HTTP ingest) never went through the JSON parser
+    that the consumer uses: nested too deep, it would be accepted here and dead-lettered there
+    (or not serialize at all). The bracket count bounds the nesting, so the common event costs
+    two ``str.count`` calls; only a bracket-heavy one is parsed back as the consumer would.
+    """
+    try:
+        payload = event.to_json()
+    except PydanticSerializationError as exc:
+        raise EventError(f"event cannot be written as JSON: {str(exc).splitlines()[0]}") from None
+    if payload.count("[") + payload.count("{") >= _NESTING_TO_VERIFY:
+        try:
+            CloudEvent.model_validate_json(payload)
+        except ValidationError as exc:
+            raise EventError(f"event would not read back from the stream: {exc.errors()[0]['msg']}") from None
+    return payload
+
+
 def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = None) -> CloudEvent:
-    """Validate an envelope and its typed data; raise :class:`EventError` with the reason."""
+    """Validate an envelope and its typed data; raise :class:`EventError` with the reason.
+
+    With ``max_bytes``, a dict is also checked to serialize and read back (:func:`stream_json`),
+    so what is accepted here is what the consumer will accept.
+    """
     try:
         if isinstance(raw, (bytes, str)):
             if max_bytes is not None and len(raw) > max_bytes:
@@ -139,8 +169,10 @@ def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = No
             event = CloudEvent.model_validate_json(raw)
         elif isinstance(raw, dict):
             event = CloudEvent.model_validate(raw)
-            if max_bytes is not None and len(event.to_json()) > max_bytes:
-                raise EventError(f"event is {len(event.to_json())} bytes, over the limit of {max_bytes}")
+            if max_bytes is not None:
+                size = len(stream_json(event))
+                if size > max_bytes:
+                    raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
         else:
             raise EventError(f"an event must be a JSON object, got {type(raw).__name__}")
     except ValidationError as exc:

@@ -13,12 +13,25 @@ Routes
     An Evidently ``DataDriftPreset`` report, mapped to one ``drift.data`` event.
 ``GET /healthz``
     200 when Redis answers PING, 503 otherwise (no token needed, for load balancers).
+``GET /metrics``
+    Prometheus metrics, **no token needed**: scrapers usually scrape unauthenticated over a
+    loopback or private port, and the counters hold no event content. Publish the ingest port
+    only where that is acceptable (compose binds it to 127.0.0.1).
 ``GET /openapi.json``, ``GET /docs``
     The OpenAPI document and its browser.
 
 Answers: 202 with the accepted ids; 400 with a reason per invalid event; 401 without the
 bearer token (or with a wrong one); 413 when the body is over the limit; 415 for other
 content types; 503 when Redis is down (nothing was acknowledged: retry).
+
+**Only signals come in here**: the types in :data:`events.types.SIGNAL_TYPES` (what monitors
+and the adapters send). Lifecycle events (``retrain.decided``, ``rollout.completed``,
+``alert.raised``...) are the system's own; one sent over HTTP is a 400 naming the allowed
+types, since a forged one would move a model's state (``retrain emit`` stays unrestricted:
+it is the operator's tool). A non-finite number in typed data is a 400 with the reason, as is
+a body nested too deep to parse, or an event that would not read back from the stream. On
+``/events`` the body must be strict JSON (no ``NaN``/``Infinity`` literals, which would reach
+the stream as ``null``); adapter bodies may hold them (reports write NaN for some statistics).
 
 **A batch is all or nothing.** If any event of a batch is invalid, the response is 400
 listing every invalid event's index and reason, and *no* event of the batch is published:
@@ -55,6 +68,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from events.adapters import AdapterError, alertmanager_events, evidently_event
 from events.envelope import MODEL_NAME_PATTERN, CloudEvent, EventError, parse_event
+from events.types import SIGNAL_TYPES
 
 log = structlog.get_logger(__name__)
 
@@ -64,6 +78,29 @@ BATCH_TYPE = "application/cloudevents-batch+json"
 STRUCTURED_TYPE = "application/cloudevents+json"
 JSON_TYPE = "application/json"
 BINARY_ATTRIBUTES = ("specversion", "id", "source", "type", "time", "subject", "dataschema")
+
+
+def signal_only(event_type: str) -> str | None:
+    """Why an event of ``event_type`` is refused by HTTP ingest, or None when it is a signal."""
+    if event_type in SIGNAL_TYPES:
+        return None
+    return (f"type {event_type!r} is not accepted over HTTP; ingest takes signals only: "
+            f"{', '.join(SIGNAL_TYPES)}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def load_json(body: bytes, *, strict: bool = False) -> Any:
+    """Parse a request body; raise ValueError with the reason (never RecursionError).
+
+    ``strict`` refuses the ``NaN``/``Infinity`` literals Python's parser would take.
+    """
+    try:
+        return json.loads(body, parse_constant=_reject_constant) if strict else json.loads(body)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 class IngestConfigError(RuntimeError):
@@ -240,6 +277,10 @@ def create_app(
     async def publish(events: list[CloudEvent]) -> list[str] | JSONResponse:
         import redis
 
+        refused = [{"index": i, "id": e.id, "reason": reason} for i, e in enumerate(events)
+                   if (reason := signal_only(e.type))]
+        if refused:  # the adapters map to signals only; a defence, nothing should land here
+            return _problem(400, refused[0]["reason"], rejected=refused, accepted=[])
         try:
             result = await run_in_threadpool(get_bus().publish_many, events)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
@@ -264,7 +305,7 @@ def create_app(
                 raw[name[3:].lower()] = value
         raw["datacontenttype"] = media_type(request)
         try:
-            raw["data"] = json.loads(body) if body.strip() else {}
+            raw["data"] = load_json(body, strict=True) if body.strip() else {}
         except ValueError as exc:
             raise EventError(f"malformed JSON data: {exc}") from None
         return raw
@@ -287,7 +328,7 @@ def create_app(
                 return _problem(400, str(exc), rejected=[{"index": 0, "reason": str(exc)}])
         else:
             try:
-                payload = json.loads(body)
+                payload = load_json(body, strict=True)
             except ValueError as exc:
                 reason = f"malformed JSON: {exc}"
                 return _problem(400, reason, rejected=[{"index": 0, "reason": reason}])
@@ -308,7 +349,11 @@ def create_app(
             try:
                 if not isinstance(item, dict):
                     raise EventError(f"an event must be a JSON object, got {type(item).__name__}")
-                events.append(parse_event(item, max_bytes=max_event_bytes))
+                event = parse_event(item, max_bytes=max_event_bytes)
+                refused = signal_only(event.type)
+                if refused:
+                    raise EventError(refused)
+                events.append(event)
             except EventError as exc:
                 given = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
                 rejected.append({"index": index, "id": given, "reason": str(exc)})
@@ -329,7 +374,7 @@ def create_app(
     async def post_alertmanager(request: Request):
         body = await read_body(request, body_limit)
         try:
-            result = alertmanager_events(json.loads(body), max_event_bytes=max_event_bytes)
+            result = alertmanager_events(load_json(body), max_event_bytes=max_event_bytes)
         except ValueError as exc:  # AdapterError and malformed JSON
             reason = str(exc) if isinstance(exc, AdapterError) else f"malformed JSON: {exc}"
             return _problem(400, reason)
@@ -353,7 +398,7 @@ def create_app(
                                                                   description="The model the report is about.")):
         body = await read_body(request, body_limit)
         try:
-            event = evidently_event(json.loads(body), model, max_event_bytes=max_event_bytes)
+            event = evidently_event(load_json(body), model, max_event_bytes=max_event_bytes)
         except (ValueError, EventError) as exc:
             reason = str(exc) if isinstance(exc, (AdapterError, EventError)) else f"malformed JSON: {exc}"
             return _problem(400, reason)

@@ -2,7 +2,9 @@
 
 Signals come from monitors (``drift.data``, ``performance.measured``, ...); lifecycle events
 are the system's own (``retrain.decided``, ``rollout.rolled_back``, ...). Extra fields are
-kept (monitors may add context); missing or mistyped required fields are errors.
+kept (monitors may add context); missing or mistyped required fields are errors. Numbers
+must be finite: a NaN or an infinity is refused at validation (it would reach the stream as
+``null``, or pass a threshold check it should not).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class EventData(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
 
 # --- signals ------------------------------------------------------------------------------

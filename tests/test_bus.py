@@ -102,6 +102,46 @@ class TestEnvelope:
         with pytest.raises(EventError, match=reason):
             bus.publish(raw)
 
+    @pytest.mark.parametrize("etype, data", [
+        ("performance.measured", {"metric": "accuracy", "value": float("nan"), "n_labeled": 500}),
+        ("performance.measured", {"metric": "accuracy", "value": 0.8, "baseline": float("-inf"), "n_labeled": 500}),
+        ("drift.concept", {"value": "Infinity"}),
+        ("drift.concept", {"value": float("inf")}),
+    ])
+    def test_non_finite_numbers_are_refused_at_publish(self, etype, data, bus, redis_client, keys):
+        """NaN or an infinity in typed data is refused before publishing (it would be written as null, or pass a threshold)."""
+        with pytest.raises(EventError, match="finite number"):
+            new_event(etype, "churn", data)
+        good = json.loads(new_event(etype, "churn", {**data, **SAMPLE_DATA[etype]}).to_json())
+        as_dict = {**good, "data": {**good["data"], **data}}
+        as_text = json.dumps(as_dict)  # Python writes NaN/Infinity literals, which the JSON parser reads
+        for raw in (as_dict, as_text):
+            with pytest.raises(EventError, match="finite number"):
+                bus.publish(raw)
+        assert redis_client.xlen(keys.events_for("churn")) == 0
+
+    def test_event_nested_deeper_than_the_consumer_reads_is_refused_at_publish(self, bus, redis_client, keys):
+        """Data nested too deep to read back (or to serialize) is refused with a reason, not dead-lettered later."""
+        def nested(depth):
+            value: list = []
+            for _ in range(depth):
+                value = [value]
+            return value
+
+        ok = new_event("drift.data", "churn", {"drift_score": 0.1, "shape": nested(100)})
+        deep = new_event("drift.data", "churn", {"drift_score": 0.1, "shape": nested(250)})
+        deeper = new_event("drift.data", "churn", {"drift_score": 0.1, "shape": nested(900)})
+        result = bus.publish_many([ok, deep, deeper])
+        assert result.published == [ok.id]
+        assert [i for i, _ in result.rejected] == [1, 2]
+        assert "would not read back" in result.rejected[0][1]
+        assert "cannot be written as JSON" in result.rejected[1][1]
+        with pytest.raises(EventError, match="would not read back"):
+            parse_event(json.loads(deep.to_json()), max_bytes=65536)
+        got = []
+        drain(make_consumer(redis_client, keys, handler=lambda evs, pipe: got.extend(evs)))
+        assert [e.id for e in got] == [ok.id] and bus.dead_letters() == []
+
     def test_oversize_event_is_rejected(self, bus):
         """An event over the configured byte limit is refused with its size in the reason."""
         big = new_event("drift.data", "churn", {"drift_score": 0.1, "drifted_features": ["f" * 50] * 200})
@@ -129,7 +169,8 @@ class TestFastDataCheck:
         good = SAMPLE_DATA[etype]
         variants = [good, {}, {**good, "extra": [1, {"a": None}]}]
         for name in model.model_fields:
-            variants += [{**good, name: bad} for bad in (None, "x", "0.5", -1, 0, 2.5, [], ["a", 1], {}, True)]
+            variants += [{**good, name: bad} for bad in (None, "x", "0.5", -1, 0, 2.5, [], ["a", 1], {}, True,
+                                                          float("nan"), float("inf"), "Infinity", "-inf")]
             variants.append({k: v for k, v in good.items() if k != name})
         outcomes = []
         for data in variants:
@@ -217,6 +258,33 @@ class TestConsumer:
         assert parse_event(letters[0]["payload"]).id == poison.id
         assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
 
+    def test_restarted_consumer_with_its_own_poison_entry_keeps_handling_new_events(self, bus, redis_client, keys):
+        """Restarted under the same name with a poison entry of its own pending, a consumer handles new events and dead-letters the poison entry after max_deliveries."""
+        poison = new_event("volume.accumulated", "m", {"new_samples": 13})
+        bus.publish(poison)
+
+        def handler(events, pipe):
+            if any(ev.id == poison.id for ev in events):
+                raise RuntimeError("cannot handle 13")
+            effect_handler(events, pipe)
+
+        make_consumer(redis_client, keys, handler=handler, max_deliveries=3).poll(block_ms=10)
+        assert redis_client.xpending(keys.events_for("m"), "g")["consumers"] == [{"name": b"c1", "pending": 1}]
+        fresh = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(3)]
+        bus.publish_many(fresh)
+        restarted = make_consumer(redis_client, keys, handler=handler, max_deliveries=3, claim_idle_ms=1)  # also "c1"
+        for _ in range(10):
+            restarted.poll(block_ms=10)
+            time.sleep(0.01)
+        assert {e.id: redis_client.hget(EFFECTS, e.id) for e in fresh} == {e.id: b"1" for e in fresh}
+        [letter] = bus.dead_letters()
+        assert parse_event(letter["payload"]).id == poison.id and "delivered 4 times" in letter["reason"]
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
+        more = new_event("volume.accumulated", "m", {"new_samples": 7})
+        bus.publish(more)
+        drain(restarted)
+        assert redis_client.hget(EFFECTS, more.id) == b"1"
+
     def test_a_command_failing_inside_the_transaction_acks_nothing_and_loses_nothing(self, bus, redis_client, keys):
         """Redis runs the rest of a MULTI when one command fails: the batch is neither acked nor marked seen; an all-or-nothing handler applies each good event once, the bad one is dead-lettered and applies after a fix."""
         broken = "retrain:test:broken"
@@ -290,6 +358,106 @@ class TestConsumer:
         for name in ("signals", "guard", "versions", "aliases", "rollout", "traffic", "requests", "history"):
             assert "{churn}" in getattr(k, name)("churn")
         assert k.events_for("churn") == k.events(k.shard_of("churn"))
+
+
+def _fail(events, pipe):
+    raise RuntimeError("not now")
+
+
+def _redis_7(client) -> bool:
+    return int(client.info("server")["redis_version"].split(".")[0]) >= 7
+
+
+class TestTrimming:
+    TRIMMED = "trimmed from the stream before it was handled"
+
+    @pytest.mark.parametrize("path", ["restart", "autoclaim", "settle"])
+    def test_pending_entries_trimmed_away_are_dead_lettered_with_their_ids(self, path, bus, redis_client, keys):
+        """Pending entries whose payload MAXLEN trimmed away get a dead-letter entry each (reason, entry id), once, on every read path; the rest are handled."""
+        events = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(5)]
+        bus.publish_many(events)
+        stream = keys.events_for("m")
+        ids = [i.decode() for i, _ in redis_client.xrange(stream)]
+        make_consumer(redis_client, keys, handler=_fail, claim_idle_ms=60_000).poll(block_ms=10)
+        assert redis_client.xpending(stream, "g")["pending"] == 5
+        redis_client.xtrim(stream, maxlen=2, approximate=False)  # what MAXLEN ~ on publish does to a lagging group
+        time.sleep(0.01)
+        if path == "restart":  # the same name: its own pending entries come back with no fields
+            c = make_consumer(redis_client, keys, name="c1", claim_idle_ms=60_000)
+        else:  # another consumer: XAUTOCLAIM (Redis 7 reports deleted ids) or the sweep of pending ids
+            c = make_consumer(redis_client, keys, name="c2", claim_idle_ms=1)
+            c.reclaim() if path == "autoclaim" else c.settle_trimmed()
+        drain(c)
+        time.sleep(0.01)
+        drain(c)
+        c.settle_trimmed()
+        letters = bus.dead_letters()
+        assert sorted(d["entry_id"] for d in letters) == ids[:3]
+        assert {(d["reason"], d["payload"], d["stream"], d["group"]) for d in letters} == {(self.TRIMMED, "", stream, "g")}
+        assert c.stats.trimmed == 3 and c.stats.dead_lettered == 3
+        assert {e.id: redis_client.hget(EFFECTS, e.id) for e in events[3:]} == {e.id: b"1" for e in events[3:]}
+        assert redis_client.xpending(stream, "g")["pending"] == 0
+
+    @pytest.mark.parametrize("seen", ["behind", "caught_up"])
+    def test_entries_trimmed_before_delivery_are_counted_once_in_a_dead_letter(self, seen, bus, redis_client, keys):
+        """Entries MAXLEN trimmed before the group read them give one dead-letter entry with their count, once.
+
+        ``behind``: noticed before the group reads on; ``caught_up``: the group read past the gap first.
+        """
+        if not _redis_7(redis_client):
+            pytest.skip("the group lag this needs comes with Redis 7")
+        idle = 1 if seen == "behind" else 60_000
+        c = make_consumer(redis_client, keys, claim_idle_ms=idle)
+        other = make_consumer(redis_client, keys, name="c2", claim_idle_ms=1)  # looks on every poll
+        first = new_event("volume.accumulated", "m", {"new_samples": 100})
+        bus.publish(first)
+        drain(c)
+        events = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(5)]
+        bus.publish_many(events)
+        stream = keys.events_for("m")
+        redis_client.xtrim(stream, maxlen=2, approximate=False)
+        if seen == "caught_up":
+            drain(c)
+            assert bus.dead_letters() == []  # not looked yet: the group read on past the gap
+        for _ in range(3):
+            drain(c)
+            drain(other)
+            time.sleep(0.01)
+        [letter] = bus.dead_letters()
+        assert letter["reason"] == "3 entries trimmed from the stream before they were delivered"
+        assert letter["payload"] == "" and letter["stream"] == stream
+        assert {e.id: redis_client.hget(EFFECTS, e.id) for e in events[3:]} == {e.id: b"1" for e in events[3:]}
+        assert c.stats.trimmed + other.stats.trimmed == 3
+        later = new_event("volume.accumulated", "m", {"new_samples": 9})
+        bus.publish(later)
+        drain(c)
+        assert c.settle_trimmed() == 0 and len(bus.dead_letters()) == 1
+        assert redis_client.hget(EFFECTS, later.id) == b"1"
+
+    def test_retention_never_trims_entries_a_group_has_pending_or_not_yet_delivered(self, bus, redis_client, keys):
+        """trim_older_than stops at the oldest entry a group has pending or not delivered, and logs how many it kept."""
+        from structlog.testing import capture_logs
+
+        stream = keys.events_for("m")
+        hour_ago = int((time.time() - 3600) * 1000)
+        old = [new_event("volume.accumulated", "m", {"new_samples": i}) for i in range(6)]
+        ids = [redis_client.xadd(stream, {PAYLOAD_FIELD: e.to_json()}, id=f"{hour_ago}-{i + 1}").decode()
+               for i, e in enumerate(old)]
+        make_consumer(redis_client, keys, name="c1", batch_size=2).poll(block_ms=10)  # handles old[0:2]
+        make_consumer(redis_client, keys, name="c2", handler=_fail, batch_size=2).poll(block_ms=10)  # old[2:4] pending
+        with capture_logs() as logs:
+            assert bus.trim_older_than(60) == 2
+        assert [i.decode() for i, _ in redis_client.xrange(stream)] == ids[2:]
+        [held] = [entry for entry in logs if entry["event"] == "bus.trim_held_back"]
+        assert held["kept"] == 4 and held["group"] == "g" and held["oldest_needed"] == ids[2]
+
+        redis_client.xgroup_create(stream, "audit", id="0")  # a group that has read nothing holds everything
+        drain(make_consumer(redis_client, keys, name="c3", claim_idle_ms=1))
+        assert redis_client.xpending(stream, "g")["pending"] == 0
+        assert bus.trim_older_than(60) == 0
+        redis_client.xgroup_destroy(stream, "audit")
+        assert bus.trim_older_than(60) == 4
+        assert redis_client.xlen(stream) == 0
 
 
 def _spawn(mode: str, name: str, ready: str, env_extra=None):

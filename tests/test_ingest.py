@@ -258,6 +258,80 @@ class TestBadBodies:
         assert body["accepted"] == [] and "none was published" in body["error"]
         assert all_stream_events(redis_client, keys) == []
 
+    @pytest.mark.parametrize("etype, data", [
+        ("rollout.completed", {"version": 2, "traffic": 100}),
+        ("retrain.decided", {"decision_id": "d1", "urgency": "high"}),
+        ("alert.raised", {"severity": "critical", "title": "forged"}),
+    ])
+    def test_lifecycle_events_are_refused_with_the_allowed_types(self, etype, data, http, redis_client, keys):
+        """The system's own lifecycle events are a 400 naming the signal types ingest takes, alone, in a batch or in binary mode."""
+        forged = event_json("churn", etype=etype, data=data)
+        r = self.post(http, json.dumps(forged))
+        assert r.status_code == 400
+        reason = r.json()["error"]
+        assert f"{etype!r} is not accepted over HTTP" in reason and "drift.data, drift.concept" in reason
+        r = self.post(http, json.dumps([event_json("churn"), forged]), BATCH_TYPE)
+        assert r.status_code == 400 and [x["index"] for x in r.json()["rejected"]] == [1]
+        headers = {**AUTH, "ce-specversion": "1.0", "ce-id": "forged-1", "ce-source": "urn:x", "ce-type": etype,
+                   "ce-subject": "churn", "ce-time": "2024-05-01T10:00:00Z", "Content-Type": "application/json"}
+        r = http.post("/events", content=json.dumps(data), headers=headers)
+        assert r.status_code == 400 and "signals only" in r.json()["error"]
+        assert all_stream_events(redis_client, keys) == []
+
+    def test_every_signal_type_is_accepted(self, http, redis_client, keys):
+        """Each type in SIGNAL_TYPES (what monitors and adapters send) still gets in."""
+        from events.types import SIGNAL_TYPES
+        from tests.test_bus import SAMPLE_DATA
+
+        batch = [event_json("churn", etype=t, data=SAMPLE_DATA[t]) for t in SIGNAL_TYPES]
+        r = self.post(http, json.dumps(batch), BATCH_TYPE)
+        assert r.status_code == 202 and r.json()["count"] == len(SIGNAL_TYPES)
+
+    @pytest.mark.parametrize("route, content_type", [
+        ("/events", STRUCTURED_TYPE), ("/events", "application/json"), ("/events", BATCH_TYPE),
+        ("/events", "binary"), ("/adapters/alertmanager", "application/json"),
+        ("/adapters/evidently?model=churn", "application/json"),
+    ])
+    def test_deeply_nested_body_is_400_not_500(self, route, content_type, http, redis_client, keys):
+        """A body of nested brackets that overflows the JSON parser's recursion is a 400 with the reason."""
+        body = "[" * (MAX_EVENT_BYTES - 10) if content_type in (STRUCTURED_TYPE, "binary") else "[" * 30_000
+        headers = {**AUTH, "Content-Type": content_type}
+        if content_type == "binary":
+            headers = {**AUTH, "ce-specversion": "1.0", "ce-id": "deep", "ce-source": "urn:x", "ce-type": "drift.data",
+                       "ce-subject": "churn", "ce-time": "2024-05-01T10:00:00Z", "Content-Type": "application/json"}
+        r = http.post(route, content=body, headers=headers)
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.json()["error"]
+        assert all_stream_events(redis_client, keys) == []
+
+    @pytest.mark.parametrize("depth, reason", [(250, "would not read back"), (900, "cannot be written as JSON")])
+    def test_event_nested_deeper_than_the_consumer_reads_is_400(self, depth, reason, http, redis_client, keys):
+        """A valid-JSON event whose data nests deeper than the stream's reader takes is refused, not accepted and dead-lettered."""
+        deep = event_json("churn")
+        deep["data"]["shape"] = json.loads("[" * depth + "]" * depth)
+        r = self.post(http, json.dumps([event_json("churn"), deep]), BATCH_TYPE)
+        assert r.status_code == 400 and reason in r.json()["rejected"][0]["reason"]
+        assert all_stream_events(redis_client, keys) == []
+
+    @pytest.mark.parametrize("etype, data, reason", [
+        ("performance.measured", '{"metric": "accuracy", "value": NaN, "n_labeled": 500}', "NaN is not valid JSON"),
+        ("drift.concept", '{"value": Infinity}', "Infinity is not valid JSON"),
+        ("drift.concept", '{"value": "Infinity"}', "finite number"),
+        ("performance.measured", '{"metric": "accuracy", "value": "NaN", "n_labeled": 500}', "finite number"),
+    ])
+    def test_non_finite_numbers_are_400_with_the_reason(self, etype, data, reason, http, redis_client, keys):
+        """NaN/Infinity (as a JSON literal or a string) is refused with 400 and the reason, in structured and binary mode."""
+        envelope = json.dumps(event_json("churn", etype=etype, data={"value": 0.1, "metric": "psi"} if etype == "drift.concept"
+                                         else {"metric": "accuracy", "value": 0.1, "n_labeled": 500}))
+        body = envelope[:envelope.index('"data": ')] + '"data": ' + data + "}"
+        r = self.post(http, body)
+        assert r.status_code == 400 and reason in r.json()["error"], r.text
+        headers = {**AUTH, "ce-specversion": "1.0", "ce-id": "nan-1", "ce-source": "urn:x", "ce-type": etype,
+                   "ce-subject": "churn", "ce-time": "2024-05-01T10:00:00Z", "Content-Type": "application/json"}
+        r = http.post("/events", content=data, headers=headers)
+        assert r.status_code == 400 and reason in r.json()["error"], r.text
+        assert all_stream_events(redis_client, keys) == []
+
     def test_batch_content_type_requires_an_array(self, http):
         """A single object sent with the batch content type is a 400, not a silent single event."""
         r = self.post(http, json.dumps(event_json()), BATCH_TYPE)
