@@ -233,7 +233,7 @@ def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and validate one policy file; raise :class:`PolicyError` with a one-line reason."""
+    """Read and validate one policy file; any unusable file raises :class:`PolicyError` with a one-line reason."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
@@ -243,4 +243,11 @@ def load_policy(path: str | Path) -> Policy:
         raise PolicyError(f"{path}: not valid TOML ({exc})") from None
     except OSError as exc:
         raise PolicyError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise PolicyError(f"{path}: {not_utf8(exc)}") from None
     return policy_from_dict(data, str(path))
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """One line saying where a file stopped being UTF-8 text."""
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
+import traceback
 from typing import Any, NoReturn
 
 import typer
@@ -59,8 +62,58 @@ def _sanitize(obj: Any) -> Any:
     return obj
 
 
+def one_line(text: Any) -> str:
+    """``text`` with every run of whitespace (newlines included) made one space."""
+    return " ".join(str(text).split())
+
+
+_SETTINGS_FIELD = re.compile(r'field "([A-Za-z0-9_]+)"')
+
+
+def settings_problem(exc: BaseException) -> str | None:
+    """One line naming each bad ``RETRAIN_*`` variable if ``exc`` comes from reading the settings.
+
+    The offending values are not repeated: a secret may be among them.
+    """
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from config.settings import Settings
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+        parts = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            parts.append(f"{prefix}{field.upper()}: {one_line(err['msg'].removeprefix('Value error, '))}")
+        return "invalid setting " + "; ".join(parts)
+    if isinstance(exc, SettingsError):
+        found = _SETTINGS_FIELD.search(str(exc))
+        name = f"{prefix}{found.group(1).upper()}" if found else "a RETRAIN_* variable"
+        reason = f" ({one_line(exc.__cause__)})" if exc.__cause__ else ""
+        return f"invalid setting {name}: cannot parse the value{reason}"
+    return None
+
+
+def describe_unexpected(exc: Exception) -> tuple[str, int]:
+    """The one line and exit status for an error no command turned into a ``CliError``.
+
+    Bad settings and undecodable input are the user's to fix (exit 2); anything else is exit 1.
+    """
+    problem = settings_problem(exc)
+    if problem is not None:
+        return problem, USAGE_ERROR
+    message = one_line(exc)
+    line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return line, USAGE_ERROR if isinstance(exc, UnicodeDecodeError) else 1
+
+
 def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
-    """Run the typer app; turn CliError and usage errors into one line on stderr."""
+    """Run the typer app; every error becomes one line on stderr, never a traceback.
+
+    ``CliError`` and usage errors exit 2; anything unexpected is a last-resort one line
+    (``RETRAIN_CLI_LOG_LEVEL=DEBUG`` adds the traceback). ``SystemExit`` passes through.
+    """
     command = typer.main.get_command(app)
     try:
         rv = command.main(args=args, prog_name="retrain", standalone_mode=False)
@@ -81,21 +134,57 @@ def run_app(app: typer.Typer, args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except Exception as exc:  # noqa: BLE001 - last resort: one line, never a traceback
+        line, code = describe_unexpected(exc)
+        sys.stderr.write(f"error: {line}\n")
+        if os.environ.get("RETRAIN_CLI_LOG_LEVEL", "").upper() == "DEBUG":
+            traceback.print_exc()
+        return code
     # typer returns the code of an explicit ``typer.Exit(code)`` in non-standalone mode.
     return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+
+
+def load_settings():
+    """The process settings, or one line naming the bad ``RETRAIN_*`` variable and exit 2."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from config.settings import get_settings
+
+    try:
+        return get_settings()
+    except (ValidationError, SettingsError) as exc:
+        fail(settings_problem(exc) or one_line(exc))
+
+
+def ping_redis(settings=None):
+    """A pinged Redis client, or one line saying what went wrong (never the URL) and exit 2."""
+    import redis
+
+    from workers.connections import NoRedisConfigured, get_redis
+
+    settings = settings or load_settings()
+    try:
+        client = get_redis(settings)
+        client.ping()
+    except NoRedisConfigured as exc:
+        fail(str(exc))
+    except redis.AuthenticationError as exc:
+        fail(f"Redis refused the credentials in the Redis URL: {one_line(exc)}")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        fail(f"cannot reach Redis ({type(exc).__name__}): {one_line(exc)}")
+    except redis.RedisError as exc:
+        fail(f"Redis answered the connection check with an error ({type(exc).__name__}): {one_line(exc)}")
+    except ValueError as exc:  # redis-py's URL parser; its messages never echo the URL
+        fail(f"the Redis URL is not usable: {one_line(exc)}")
+    except OSError as exc:  # the URL file written by 'retrain up'
+        fail(f"cannot read the Redis URL file {exc.filename}: {exc.strerror}")
+    return client
 
 
 def connect():
     """A Redis client (pinged) and the key schema, or one clear error line and exit 2."""
     from config.keys import keys_from_settings
-    from config.settings import get_settings
-    from workers.connections import NoRedisConfigured, get_redis
 
-    try:
-        client = get_redis()
-        client.ping()
-    except NoRedisConfigured as exc:
-        fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - connection problems are one line
-        fail(f"cannot reach Redis: {exc}")
-    return client, keys_from_settings(get_settings())
+    settings = load_settings()
+    return ping_redis(settings), keys_from_settings(settings)

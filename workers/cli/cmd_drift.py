@@ -50,7 +50,7 @@ def read_table(path: Path, role: str) -> "pd.DataFrame":
 
 def _load_policy(path: Optional[Path]) -> "Policy | None":
     """The policy for this command: [drift] and [data] are enough, [model] may be absent."""
-    from config.policy import PolicyError, load_policy, policy_from_dict
+    from config.policy import PolicyError, load_policy, not_utf8, policy_from_dict
 
     if path is None:
         return None
@@ -62,6 +62,8 @@ def _load_policy(path: Optional[Path]) -> "Policy | None":
         fail(f"{path}: not valid TOML ({exc})")
     except OSError as exc:
         fail(f"{path}: cannot read ({exc.strerror})")
+    except UnicodeDecodeError as exc:
+        fail(f"{path}: {not_utf8(exc)}")
     try:
         if "model" in data:
             return load_policy(path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import typer
 
-from workers.cli._common import connect, console, fail, print_json
+from workers.cli._common import connect, console, fail, one_line, print_json
 
 
 def _bus():
@@ -16,6 +17,18 @@ def _bus():
 
     client, _ = connect()
     return EventBus.from_settings(client, get_settings())
+
+
+_ENTRY_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_MAX_ID_PART = 2**64 - 1
+
+
+def check_entry_id(entry_id: str) -> None:
+    """Exit 2 with one line unless ``entry_id`` is a full stream entry id ``<ms>-<seq>``."""
+    found = _ENTRY_ID.match(entry_id)
+    if not found or any(int(part) > _MAX_ID_PART for part in found.groups()):
+        fail(f"--republish {entry_id!r}: not a dead-letter entry id (like 1718000000000-0; "
+             "'retrain dead-letters' lists them)")
 
 
 def _parse_data(pairs: list[str], data_json: str | None) -> dict:
@@ -50,6 +63,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
     ) -> None:
         """Publish one event from flags, or many from a JSON Lines file; exit 0 only if none was rejected."""
+        from config.policy import not_utf8
         from events.envelope import EventError, new_event
 
         events: list = []
@@ -63,6 +77,8 @@ def register(app: typer.Typer) -> None:
                 fail(f"{file}: no such file")
             except OSError as exc:
                 fail(f"{file}: cannot read ({exc.strerror})")
+            except UnicodeDecodeError as exc:
+                fail(f"{file}: {not_utf8(exc)}")
             line_numbers = []
             for n, line in enumerate(lines, start=1):
                 if line.strip():
@@ -97,27 +113,34 @@ def register(app: typer.Typer) -> None:
         limit: int = typer.Option(50, "--limit", min=1),
         as_json: bool = typer.Option(False, "--json"),
     ) -> None:
-        """List dead-lettered events with their reasons, or re-publish one after a fix."""
+        """List dead-lettered events with their reasons, or re-publish one after a fix (exit 2 on a bad id)."""
+        import redis
+
+        from config.policy import not_utf8
         from events.envelope import EventError
 
-        bus = _bus()
         if republish:
+            check_entry_id(republish)
             payload = None
             if fixed is not None:
                 try:
                     payload = fixed.read_text()
                 except OSError as exc:
                     fail(f"{fixed}: cannot read ({exc.strerror})")
+                except UnicodeDecodeError as exc:
+                    fail(f"{fixed}: {not_utf8(exc)}")
             try:
-                event_id = bus.republish_dead_letter(republish, payload)
+                event_id = _bus().republish_dead_letter(republish, payload)
             except KeyError as exc:
                 fail(str(exc.args[0]))
             except EventError as exc:
                 fail(f"still invalid, not re-published: {exc}")
+            except redis.ResponseError as exc:  # an id the format check let through
+                fail(f"--republish {republish!r}: Redis refused the id ({one_line(exc)})")
             out = {"republished": republish, "event_id": event_id}
             print_json(out) if as_json else console.print(f"re-published {republish} as event {event_id}")
             return
-        letters = bus.dead_letters(limit)
+        letters = _bus().dead_letters(limit)
         if as_json:
             print_json({"dead_letters": letters})
             return

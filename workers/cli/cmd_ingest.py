@@ -26,13 +26,11 @@ def register(app: typer.Typer) -> None:
         import uvicorn
 
         from config.logs import configure_logging
-        from config.settings import get_settings
         from events.bus import EventBus
         from events.ingest import DEFAULT_MAX_BATCH, IngestConfigError, create_app
-        from workers.cli._common import print_json
-        from workers.connections import NoRedisConfigured, get_redis
+        from workers.cli._common import load_settings, ping_redis, print_json
 
-        settings = get_settings()
+        settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
         try:
             application = create_app(
@@ -43,13 +41,7 @@ def register(app: typer.Typer) -> None:
             )
         except IngestConfigError as exc:
             fail(str(exc))
-        try:
-            client = get_redis(settings)
-            client.ping()
-        except NoRedisConfigured as exc:
-            fail(str(exc))
-        except Exception as exc:  # noqa: BLE001 - connection problems are one line
-            fail(f"cannot reach Redis: {exc}")
+        client = ping_redis(settings)
         application.state.bus = EventBus.from_settings(client, settings)
         if as_json:
             auth = bool(settings.ingest_token and settings.ingest_token.get_secret_value())

@@ -24,21 +24,11 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def _models_to_serve(requested: list[str]) -> list[str]:
-    import redis
-
-    from workers.connections import NoRedisConfigured, get_redis
+    from workers.cli._common import connect
     from workers.registry.store import Registry
 
-    try:
-        client = get_redis()
-        client.ping()
-    except NoRedisConfigured as exc:
-        fail(str(exc))
-    except redis.RedisError as exc:
-        fail(f"cannot reach Redis: {exc}")
-    from config.keys import keys_from_settings
-
-    known = Registry(client, keys_from_settings()).models()
+    client, keys = connect()
+    known = Registry(client, keys).models()
     if not requested:
         if not known:
             fail("the registry holds no models yet; pass --model NAME")
