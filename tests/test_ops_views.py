@@ -9,6 +9,7 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -410,3 +411,66 @@ class TestPureTimeline:
         loud = new_event("drift.data", MODEL, {"drift_score": 0.3, "drifted_features": ["a"]})
         assert marker_kind(quiet.model_dump(mode="json")) is None
         assert marker_kind(loud.model_dump(mode="json")) == "drift"
+
+
+class TestLocalSystemSecrets:
+    """``retrain up`` keeps the Redis password and Flower's credentials away from other local users."""
+
+    def test_the_redis_url_file_is_private(self, tmp_path):
+        """<state_dir>/redis/url holds the external URL (password included) with mode 0600, even if it existed."""
+        import stat
+
+        from workers.supervisor import LocalSystem, url_file_for
+
+        path = url_file_for(tmp_path)
+        path.parent.mkdir(parents=True)
+        path.write_text("stale")
+        path.chmod(0o644)
+        system = LocalSystem(tmp_path)
+        system.start_redis(external_url="redis://:s3cret@127.0.0.1:1/0")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_text() == "redis://:s3cret@127.0.0.1:1/0"
+        path.unlink()
+        system.start_redis(external_url="redis://:s3cret@127.0.0.1:1/0")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+    def test_flower_credentials_are_not_on_its_command_line_and_still_enforced(self, redis_server, tmp_path):
+        """The running Flower's argv (what ``ps`` shows) has no password, and Flower still asks for it."""
+        import socket
+        import time
+        import urllib.error
+        import urllib.request
+
+        from workers.supervisor import LocalSystem
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with LocalSystem(tmp_path) as system:
+            system.start_redis(external_url=redis_server.url)
+            child = system.start_flower(port, "admin:s3cret")
+            argv = (Path("/proc") / str(child.proc.pid) / "cmdline").read_bytes()
+            assert b"s3cret" not in argv and "s3cret" not in " ".join(child.cmd)
+            url = f"http://127.0.0.1:{port}/workers"
+
+            def status(auth: str | None) -> int:
+                request = urllib.request.Request(url)
+                if auth:
+                    request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+                try:
+                    return urllib.request.urlopen(request, timeout=2).status
+                except urllib.error.HTTPError as exc:
+                    return exc.code
+
+            deadline = time.monotonic() + 30
+            while True:
+                system.check_alive()
+                try:
+                    first = status(None)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            assert first == 401
+            assert status("admin:s3cret") == 200

@@ -54,9 +54,7 @@ class LocalSystem:
         else:
             self.redis = EmbeddedRedis(self.state_dir / "redis", port=port).start()
             self.redis_url = self.redis.url
-        path = url_file_for(self.state_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.redis_url)
+        write_private(url_file_for(self.state_dir), self.redis_url)
         return self.redis_url
 
     def child_env(self, **extra: str) -> dict[str, str]:
@@ -92,10 +90,8 @@ class LocalSystem:
         return self.spawn(name, [sys.executable, "-m", "workers.cli", *args])
 
     def start_flower(self, port: int, basic_auth: str | None) -> Child:
-        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}", "--address=127.0.0.1"]
-        if basic_auth:
-            cmd.append(f"--basic-auth={basic_auth}")
-        return self.spawn("flower", cmd)
+        """Flower on 127.0.0.1; ``basic_auth`` (``user:password``) goes through its environment, never argv."""
+        return self.spawn("flower", flower_command(port), flower_env(self.child_env(), basic_auth))
 
     def wait_for_workers(self, app, names: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -147,6 +143,29 @@ class LocalSystem:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def flower_command(port: int) -> list[str]:
+    """Flower's argv: nothing secret, since any local user can read it with ``ps``."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "flower", f"--port={port}", "--address=127.0.0.1"]
+
+
+def flower_env(base: dict[str, str], basic_auth: str | None) -> dict[str, str]:
+    """``base`` with Flower's credentials in ``FLOWER_BASIC_AUTH`` (which Flower reads), or none."""
+    env = dict(base)
+    env.pop("FLOWER_BASIC_AUTH", None)
+    if basic_auth:
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    return env
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (0600 from creation, also when it existed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # the mode above only applies to a new file
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
 
 
 def url_file_for(state_dir: Path) -> Path:
