@@ -539,6 +539,59 @@ class TestShadow:
             router.predict(row(i), f"later{i}")
         wait_for(lambda: router.status()["stats"]["shadow_requests"] >= served + 5, timeout=30)
 
+    def test_mirrors_of_frames_arrays_and_numpy_values_agree_with_production(self, make_version, open_router,
+                                                                             redis_client, keys):
+        """DataFrame, 2-D array and numpy-scalar features reach the shadow intact (sent as JSON)."""
+        v1 = make_version(seed=0)
+        twin = make_version(seed=0, status="shadow")
+        write_traffic(redis_client, keys, "m", TrafficTable(production=v1, shadow=twin))
+        router = open_router()
+        X, _ = training_frame(1, n=20)
+        X["c"] = (X["c"] * 10).round().astype("int64")
+        router.predict(X, "frame")
+        router.predict(X.to_numpy(), "array")
+        router.predict({"a": np.float32(0.5), "b": np.int64(1), "c": np.float64(-1.0)}, "numpy")
+        wait_for(lambda: router.flush(timeout=1.0), timeout=30, message="mirrors answered")
+        records = [decode_request(fields) for _, fields in redis_client.xrange(keys.requests("m"))]
+        primary = {r["request_id"]: r for r in records if not r["shadow"]}
+        mirrored = [r for r in records if r["shadow"]]
+        assert len(mirrored) == 41 and router.status()["stats"]["shadow_dropped"] == 0
+        for r in mirrored:
+            assert not r["error"], r["error"]
+            assert (r["prediction"], r["score"]) == (primary[r["shadow_of"]]["prediction"],
+                                                     pytest.approx(primary[r["shadow_of"]]["score"]))
+
+    def test_the_shadow_process_never_unpickles_what_it_reads(self, make_version, open_router, redis_client, keys,
+                                                              tmp_path):
+        """A pickle on the shadow's pipe is skipped as a bad frame (its code does not run) and
+        mirroring goes on: the pipe carries JSON only."""
+        import pickle
+        import struct
+
+        marker = tmp_path / "unpickled"
+
+        class Gadget:
+            def __reduce__(self):
+                return (os.mkdir, (str(marker),))
+
+        v1 = make_version(seed=0)
+        twin = make_version(seed=0, status="shadow")
+        write_traffic(redis_client, keys, "m", TrafficTable(production=v1, shadow=twin))
+        router = open_router()
+        router.predict(row(), "first")
+        wait_for(lambda: router.flush(timeout=1.0), timeout=30, message="shadow process up")
+        body = pickle.dumps(Gadget())
+        with router._shadow._wlock:
+            router._shadow._out += struct.pack("<I", len(body)) + body
+        router._shadow.send_pending()
+        served = router.status()["stats"]["shadow_requests"]
+        for i in range(5):
+            router.predict(row(i), f"after{i}")
+        answered = lambda: router.status()["stats"]["shadow_requests"] >= served + 5  # noqa: E731
+        wait_for(lambda: marker.exists() or answered(), timeout=30)
+        assert not marker.exists(), "the shadow process ran the code of a pickle it was sent"
+        assert answered()
+
 
 # --------------------------------------------------------------------------- HTTP
 

@@ -7,14 +7,15 @@ half the interpreter and stalls answers behind it (measured here: p99 +5 ms at 2
 requests/s). A slow or failing shadow only delays or fails its own log record (``shadow=1``).
 
 The router side is :class:`ShadowProcess` (the mirror queue, the pipe, restarts); the child's
-main loop is :func:`_shadow_child`, started as ``python -c`` with ``_CHILD_BOOT``.
+main loop is :func:`_shadow_child`, started as ``python -c`` with ``_CHILD_BOOT``. Frames on the
+pipe are length-prefixed JSON, never pickle: nothing the child reads can run code in it.
 """
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
-import pickle
 import signal
 import struct
 import subprocess
@@ -25,6 +26,8 @@ import time
 import weakref
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import redis
 import structlog
 
@@ -73,15 +76,36 @@ class _Counters:
         struct.pack_into("<q", self._buf, 8 * SHADOW_COUNTERS.index(name), value)
 
 
-def connection_spec(client: redis.Redis) -> tuple[type, dict[str, Any]]:
-    """How the shadow process reconnects to the same server (only plain, picklable settings)."""
+_CONNECTION_CLASSES = {cls.__name__: cls for cls in (redis.SSLConnection, redis.UnixDomainSocketConnection,
+                                                      redis.Connection)}
+"""The connection classes a shadow process may be told to use, by name (most specific first)."""
+
+
+def connection_spec(client: redis.Redis) -> tuple[str, dict[str, Any]]:
+    """How the shadow process reconnects to the same server: a connection class name and its
+    plain (JSON) settings; bytes settings are sent as UTF-8 text, other objects are left out."""
     pool = client.connection_pool
-    kwargs = {k: v for k, v in pool.connection_kwargs.items()
-              if v is None or isinstance(v, (str, int, float, bool, bytes))}
-    return pool.connection_class, kwargs
+    kwargs: dict[str, Any] = {}
+    for key, value in pool.connection_kwargs.items():
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                continue
+        if value is None or isinstance(value, (str, int, float, bool)):
+            kwargs[key] = value
+    for name, cls in _CONNECTION_CLASSES.items():  # a subclass connects as its redis-py base class
+        if issubclass(pool.connection_class, cls):
+            return name, kwargs
+    raise ValueError(f"the shadow process cannot use Redis connections of type {pool.connection_class.__name__}")
+
+
+def _connection_class(name: str) -> type:
+    return _CONNECTION_CLASSES[name]
 
 
 def _read_frame(stream: Any) -> Any:
+    """The next message from the router (a JSON value), or ``_EOF``; bad JSON raises ``ValueError``."""
     head = stream.read(_FRAME.size)
     if len(head) < _FRAME.size:
         return _EOF
@@ -89,7 +113,7 @@ def _read_frame(stream: Any) -> Any:
     body = stream.read(size)
     if len(body) < size:
         return _EOF
-    return pickle.loads(body)
+    return json.loads(body)
 
 
 _EOF = object()
@@ -110,11 +134,12 @@ def _lower_priority() -> None:
 
 
 def _shadow_child() -> None:
-    """Entry point of the shadow process: frames of pickled mirrors on stdin, records to Redis.
+    """Entry point of the shadow process: JSON frames of mirrors on stdin, records to Redis.
 
-    The first frame is the spec. Then ``("load", versions)`` to preload and ``("m", version,
-    request_id, features, n_rows, ts)`` to answer. End of input (the router closed the pipe, or
-    died) flushes the log and exits.
+    The first frame is the spec (an object). Then ``["load", versions]`` to preload and ``["m",
+    version, request_id, kind, features, n_rows, ts]`` to answer (see :func:`_mirror_message`).
+    A frame that is not such a message is logged and skipped. End of input (the router closed the
+    pipe, or died) flushes the log and exits.
     """
     stdin = sys.stdin.buffer
     spec = _read_frame(stdin)
@@ -127,7 +152,8 @@ def _shadow_child() -> None:
     configure_logging(spec["log_level"], "json")
     counters = _Counters(mmap.mmap(spec["counters_fd"], 8 * len(SHADOW_COUNTERS)))
     connection_class, kwargs = spec["connection"]
-    client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=connection_class, **kwargs))
+    client = redis.Redis(connection_pool=redis.ConnectionPool(connection_class=_connection_class(connection_class),
+                                                              **kwargs))
     keys = Keys(prefix=spec["prefix"], shards=spec["shards"])
     registry = Registry(client, keys)
     model_name = spec["model"]
@@ -146,7 +172,7 @@ def _shadow_child() -> None:
             return failed[1]
         try:
             mv = registry.get(model_name, version)
-            estimator = registry.load(model_name, int(version), spec["trusted_prefixes"])
+            estimator = registry.load(model_name, int(version), tuple(spec["trusted_prefixes"]))
             models[version] = LoadedModel(version, estimator, schema=getattr(mv, "training_schema", None))
         except Exception as exc:
             refused[version] = (time.monotonic(), f"cannot load version {version}: {one_line(exc)}")
@@ -166,36 +192,38 @@ def _shadow_child() -> None:
     while not stopping.is_set():
         try:
             item = _read_frame(stdin)
-        except Exception as exc:  # a frame that does not unpickle: skip it, never die
+        except ValueError as exc:  # a frame that is not JSON: skip it, never die
             log.error("router.shadow_bad_frame", model=model_name, error=one_line(exc))
             continue
         if item is _EOF:
             break
-        for message in item if isinstance(item, list) else [item]:
-            if stopping.is_set():
-                break
-            if message[0] == "load":
-                keep = set(message[1])
-                for version in message[1]:
-                    load(version)
-                continue
-            _, version, rid, features, n_rows, ts = message
-            counters.requests += 1
-            t0 = time.perf_counter()
-            preds = scores = None
-            error = None
-            try:
-                model = load(version)
-                if isinstance(model, str):
-                    raise RouterError(model)
-                X, n_rows = model.inputs(features)
-                preds, scores = model.run(X)
-            except Exception as exc:
-                error = one_line(exc)
-                counters.errors += 1
-            latency = (time.perf_counter() - t0) * 1000.0
-            append_records(logged, version, rid, n_rows, preds, scores, latency, error, ts, True)
-            counters.processed += 1
+        if stopping.is_set():
+            break
+        if not _is_message(item):
+            log.error("router.shadow_bad_frame", model=model_name, error=f"not a shadow message: {str(item)[:100]}")
+            continue
+        if item[0] == "load":
+            keep = set(item[1])
+            for version in item[1]:
+                load(version)
+            continue
+        _, version, rid, kind, payload, n_rows, ts = item
+        counters.requests += 1
+        t0 = time.perf_counter()
+        preds = scores = None
+        error = None
+        try:
+            model = load(version)
+            if isinstance(model, str):
+                raise RouterError(model)
+            X, n_rows = model.inputs(_features_from(kind, payload))
+            preds, scores = model.run(X)
+        except Exception as exc:
+            error = one_line(exc)
+            counters.errors += 1
+        latency = (time.perf_counter() - t0) * 1000.0
+        append_records(logged, version, rid, n_rows, preds, scores, latency, error, ts, True)
+        counters.processed += 1
     request_log.stop()
 
 
@@ -205,7 +233,7 @@ class ShadowProcess:
     The child is a fresh interpreter (``python -c``, not ``multiprocessing``: nothing of the
     caller's ``__main__`` is re-imported) with its own GIL, at idle CPU priority, so a
     CPU-heavy, slow or failing shadow does not compete with the request path. A mirror is
-    pickled on the request path into an output buffer that goes to the child's stdin with one
+    encoded as JSON on the request path into an output buffer that goes to the child's stdin with one
     non-blocking write per ``MIRROR_BATCH`` mirrors (or ``MIRROR_MAX_DELAY_S``; the router's
     watcher sends leftovers): no thread to wake per request, and one pipe wake-up of the child
     per batch instead of per request. Nothing here ever blocks: beyond ``size`` unanswered
@@ -312,8 +340,8 @@ class ShadowProcess:
                 self._accepted - self._lost - _PROCESSED.unpack_from(self._mmap, 0)[0] >= self.size):
             return self._drop()
         try:
-            data = _frame(item)
-        except Exception:  # something in the features that does not pickle
+            data = _frame(_mirror_message(item))
+        except Exception:  # features with no JSON form (or too deep): never the request's failure
             with self._lock:
                 self.unsendable += 1
             return False
@@ -397,8 +425,67 @@ class ShadowProcess:
 
 
 def _frame(message: Any) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    """``message`` as one length-prefixed JSON frame (numpy scalars and timestamps made plain)."""
+    body = _ENCODER.encode(message).encode()
     return _FRAME.pack(len(body)) + body
+
+
+def _plain(value: Any) -> Any:
+    """The JSON form of what ``json`` does not know: numpy scalars and arrays, timestamps, NA."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if hasattr(value, "isoformat"):  # datetime, date, pd.Timestamp
+        return value.isoformat()
+    if value is pd.NA:
+        return None
+    raise TypeError(f"{type(value).__name__} has no JSON form")
+
+
+_ENCODER = json.JSONEncoder(default=_plain, separators=(",", ":"))
+
+
+def _mirror_message(item: tuple) -> list:
+    """The frame for ``("m", version, request_id, features, n_rows, ts)``: features become
+    ``(kind, value)``: ``"json"`` as given (dict or list of dicts), ``"frame"`` a DataFrame's columns,
+    dtypes and rows, ``"array"`` a numpy array's dtype and nested lists."""
+    tag, version, rid, features, n_rows, ts = item
+    if isinstance(features, pd.DataFrame):
+        kind, value = "frame", {"columns": features.columns.tolist(),
+                                "dtypes": [str(d) for d in features.dtypes],
+                                "rows": features.to_numpy(dtype=object).tolist()}
+    elif isinstance(features, np.ndarray):
+        kind, value = "array", {"dtype": features.dtype.str, "rows": features.tolist()}
+    else:
+        kind, value = "json", features
+    return [tag, version, rid, kind, value, n_rows, ts]
+
+
+def _features_from(kind: str, value: Any) -> Any:
+    """The features a mirror was sent with, rebuilt in the shadow process (see :func:`_mirror_message`)."""
+    if kind == "frame":
+        frame = pd.DataFrame(value["rows"], columns=range(len(value["columns"])))
+        for i, dtype in enumerate(value["dtypes"]):
+            if str(frame.dtypes[i]) != dtype:
+                try:
+                    frame[i] = frame[i].astype(dtype)
+                except (TypeError, ValueError):
+                    pass  # kept as rebuilt; the model decides whether it can use it
+        frame.columns = value["columns"]
+        return frame
+    if kind == "array":
+        return np.array(value["rows"], dtype=np.dtype(value["dtype"]))
+    return value
+
+
+def _is_message(item: Any) -> bool:
+    """Whether a decoded frame is a ``load`` or a mirror message."""
+    if not isinstance(item, list) or not item:
+        return False
+    if item[0] == "load":
+        return len(item) == 2 and isinstance(item[1], list)
+    return item[0] == "m" and len(item) == 7 and item[3] in ("json", "frame", "array")
 
 
 def _grow_pipe(fd: int) -> None:
