@@ -12,6 +12,8 @@ from typing import Any
 
 from kombu import Queue
 
+from config.keys import keys_from_settings
+
 QUEUE_TRAINING_HIGH = "training.high"
 QUEUE_TRAINING_LOW = "training.low"
 QUEUE_GATE = "gate"
@@ -31,10 +33,27 @@ PIPELINE_TASK_OPTIONS: dict[str, Any] = {
     "reject_on_worker_lost": True,
 }
 
+HARD_TIME_LIMIT_SHARE = 0.9
+SOFT_TIME_LIMIT_SHARE = 0.85
+"""A task still running at 85% of the broker visibility timeout gets ``SoftTimeLimitExceeded`` (it
+fails, its pipeline's failure handler runs); at 90% its pool process is killed and the task fails.
+Either way its message is acked: a task never outlives the visibility timeout, after which the
+broker would hand the same message to a second worker and a training would run twice. (Enforced
+by the prefork pool, which the training and gate roles use.)"""
+
+
+def task_time_limits(settings) -> tuple[int, int]:
+    """``(soft, hard)`` time limits in seconds, both below the broker visibility timeout."""
+    visibility = settings.visibility_timeout.total_seconds()
+    hard = max(2, int(visibility * HARD_TIME_LIMIT_SHARE))
+    soft = min(hard - 1, max(1, int(visibility * SOFT_TIME_LIMIT_SHARE)))
+    return soft, hard
+
 
 def celery_config(settings, broker_url: str) -> dict[str, Any]:
     """Celery settings (lower-case names) for a broker/backend URL."""
     visibility = int(settings.visibility_timeout.total_seconds())
+    soft_limit, hard_limit = task_time_limits(settings)
     transport = {
         "visibility_timeout": visibility,
         "queue_order_strategy": "priority",  # training.high is always drained before training.low
@@ -54,6 +73,8 @@ def celery_config(settings, broker_url: str) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
+        "task_soft_time_limit": soft_limit,
+        "task_time_limit": hard_limit,
         "worker_prefetch_multiplier": 1,
         "task_track_started": True,
         "task_send_sent_event": True,
@@ -68,7 +89,7 @@ def celery_config(settings, broker_url: str) -> dict[str, Any]:
         "worker_redirect_stdouts": False,
         "redbeat_redis_url": broker_url,
         "redbeat_redis_options": {"retry_period": 60},
-        "redbeat_key_prefix": f"{settings.key_prefix}:redbeat:",
+        "redbeat_key_prefix": keys_from_settings(settings).redbeat_prefix(),
         "redbeat_lock_timeout": 30,
         "beat_max_loop_interval": 1,
         "beat_schedule": {

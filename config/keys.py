@@ -154,6 +154,22 @@ class Keys:
         """Glob matching every key this module builds."""
         return f"{self.prefix}:*"
 
+    # --- keys our libraries write (named here so nothing else spells them) ---------------------
+    def redbeat_prefix(self) -> str:
+        """Prefix of every celery-redbeat key (the ``redbeat_key_prefix`` setting)."""
+        return f"{self.prefix}:redbeat:"
+
+    def redbeat_entry(self, name: str) -> str:
+        """Key of the redbeat schedule entry ``name`` (redbeat writes it as its prefix + name); an
+        entry-name prefix gives the prefix of those entries' keys."""
+        return self.redbeat_prefix() + name
+
+    def celery_queue(self, name: str, priority: int = 0) -> str:
+        """List of a Celery queue's messages at one priority step, as kombu's Redis transport names
+        it: ``name`` for step 0, ``name\\x06\\x16<step>`` for the others. Not prefixed: the broker's
+        ``global_keyprefix`` is empty."""
+        return f"{name}\x06\x16{priority}" if priority else name
+
 
 def keys_from_settings(settings=None) -> Keys:
     from config.settings import get_settings

@@ -81,6 +81,26 @@ class TestPolicy:
         assert out.stderr.strip().count("\n") == 0 and "drift_treshold" in out.stderr
         assert "Traceback" not in out.stderr
 
+    def test_a_non_utf8_policy_is_one_policy_error(self, tmp_path):
+        """A Latin-1 policy file raises PolicyError (one line naming the file), not UnicodeDecodeError."""
+        path = tmp_path / "latin1.toml"
+        path.write_bytes('[model]\nname = "caf\xe9"\n'.encode("latin-1"))
+        with pytest.raises(PolicyError) as err:
+            load_policy(path)
+        assert str(path) in str(err.value) and "not UTF-8" in str(err.value) and "\n" not in str(err.value)
+
+    def test_the_store_records_a_non_utf8_file_and_serves_the_others(self, tmp_path):
+        """One undecodable file in the policy folder is recorded as an error; other models keep their policy."""
+        from workers.policies import PolicyStore
+
+        (tmp_path / "good.toml").write_text('[model]\nname = "good"\n')
+        bad = tmp_path / "bad.toml"
+        bad.write_bytes('[model]\nname = "caf\xe9"\n'.encode("latin-1"))
+        store = PolicyStore(tmp_path)
+        assert store.get("good").name == "good"
+        assert set(store.all()) == {"good"}
+        assert "not UTF-8" in store.errors[str(bad)]
+
 
 class TestCelery:
     def test_json_only_and_reliable_delivery(self):
@@ -96,6 +116,36 @@ class TestCelery:
         assert {q.name for q in conf["task_queues"]} >= {"training.high", "training.low", "gate", "rollout"}
         tick = conf["beat_schedule"]["rollout-tick"]["schedule"]
         assert tick < conf["broker_transport_options"]["visibility_timeout"]
+
+    @pytest.mark.parametrize("visibility", [timedelta(hours=2), timedelta(minutes=10), timedelta(seconds=30)])
+    def test_a_task_is_stopped_before_the_broker_would_redeliver_it(self, visibility):
+        """Soft limit < hard limit < visibility timeout, and a timed-out task is acked (never run twice)."""
+        conf = celery_config(Settings(visibility_timeout=visibility), "redis://127.0.0.1:1/0")
+        seconds = visibility.total_seconds()
+        assert 0 < conf["task_soft_time_limit"] < conf["task_time_limit"] < seconds
+        assert conf["task_time_limit"] >= 0.8 * seconds
+        assert conf["task_acks_on_failure_or_timeout"] and conf["task_acks_late"]
+
+    def test_library_keys_come_from_the_key_schema(self):
+        """redbeat's prefix follows RETRAIN_KEY_PREFIX through Keys; no module but config/keys.py spells
+        the redbeat or kombu priority-queue key formats."""
+        from config.keys import Keys
+
+        conf = celery_config(Settings(key_prefix="acme"), "redis://127.0.0.1:1/0")
+        assert conf["redbeat_key_prefix"] == Keys(prefix="acme").redbeat_prefix() == "acme:redbeat:"
+        assert Keys().redbeat_entry("schedule-tick:churn") == "retrain:redbeat:schedule-tick:churn"
+        assert Keys().celery_queue("training.low", 3) == "training.low\x06\x163"
+        assert Keys().celery_queue("gate", 0) == "gate"
+        spelled = []
+        for folder in ("config", "events", "workers"):
+            for path in (ROOT / folder).rglob("*.py"):
+                if path == ROOT / "config" / "keys.py":
+                    continue
+                text = path.read_text()
+                if ":redbeat:" in text or "\\x06\\x16" in text or "\x06\x16" in text or \
+                        "key_prefix + " in text:
+                    spelled.append(str(path.relative_to(ROOT)))
+        assert spelled == []
 
     def test_roles_cover_the_pipeline_queues(self):
         """Every role has its queues; training consumes high before low."""

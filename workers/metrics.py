@@ -86,9 +86,8 @@ MIN_REFRESH_S = 1.0
 LAG_COUNT_CAP = 2_000
 """Without Redis 7's ``lag``, undelivered entries are counted server-side up to this many; beyond,
 the count is extrapolated from the entry-id timestamps."""
-KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
-"""kombu's Redis transport keeps one list per queue and priority step (``queue``, ``queue\\x06\\x163``...)."""
+"""kombu's Redis transport keeps one list per queue and priority step (named by :meth:`Keys.celery_queue`)."""
 ROLLOUT_STATUSES = ("none", "shadow", "canary", "progressive", "paused", "completed", "rolled_back", "aborted")
 ALIASES = ("production", "candidate", "previous")
 
@@ -479,7 +478,7 @@ def read_redis_state(client, keys, *, group: str = CONSUMER_GROUP) -> RedisState
     queues = _queue_names()
     for q in queues:
         for step in KOMBU_PRIORITY_STEPS:
-            pipe.llen(q if not step else f"{q}{KOMBU_PRIORITY_SEP}{step}")
+            pipe.llen(keys.celery_queue(q, step))
     replies = pipe.execute()
     state.dead_letters = int(replies[0] or 0)
     models = sorted(_text(m) for m in replies[1])

@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError, TimeoutErr
 
 from config.celery_config import QUEUE_DECISION
 from config.durations import parse_duration
+from config.keys import keys_from_settings
 from events.envelope import new_event
 from workers.app import app as celery_app
 
@@ -118,7 +119,7 @@ def sync_schedules(app, policies: Iterable[Any] | Mapping[str, Any]) -> list[str
             wanted[policy.model.name] = (spec, celery_schedule(spec))  # parse all before writing
 
     conf = ensure_conf(app)
-    ours = conf.key_prefix + ENTRY_PREFIX
+    ours = keys_from_settings().redbeat_entry(ENTRY_PREFIX)  # the prefix of our entries' keys
     for key in get_redis(app).zrange(conf.schedule_key, 0, -1):
         key = key.decode() if isinstance(key, bytes) else key
         if key.startswith(ours) and key[len(ours):] not in wanted:
