@@ -24,6 +24,10 @@ from workers.decision.service import DecisionService
 MODEL = "churn"
 
 
+def _text(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def val(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
@@ -154,6 +158,22 @@ class TestDeadLetters:
         assert val("retrain_events_dead_lettered_total", group=group) == 2
         metrics.collect_from_redis(redis_client, keys)
         assert val("retrain_dead_letters") == 2
+
+    def test_entries_trimmed_while_pending_are_counted(self, redis_client, settings, keys):
+        """A pending entry whose payload was trimmed away counts in retrain_events_trimmed_total (and is dead-lettered)."""
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        bus = EventBus.from_settings(redis_client, settings)
+        stream = keys.events_for(MODEL)
+        redis_client.xgroup_create(stream, group, id="$", mkstream=True)
+        entry = bus.publish_raw(MODEL, new_event("volume.accumulated", MODEL, {"new_samples": 1}).to_json())
+        redis_client.xreadgroup(group, "c1", {stream: ">"})  # delivered to c1, which then dies
+        redis_client.xdel(stream, entry)  # trimmed while pending
+        consumer = StreamConsumer(redis_client, keys, group, "c1", lambda evs, pipe: None, block_ms=10)
+        consumer.ensure_group()
+        metrics.track_consumer(consumer)
+        consumer.poll(block_ms=10)
+        assert val("retrain_events_trimmed_total", group=group) == 1
+        assert any(d.get("entry_id") == _text(entry) for d in bus.dead_letters())
 
 
 class TestStateGauges:

@@ -11,6 +11,8 @@ Every name starts with ``retrain_``. Two kinds:
                                                        stream (:func:`track_consumer`)
 ``retrain_events_duplicates_total{group}``             redelivered entries skipped by id (same collector)
 ``retrain_events_reclaimed_total{group}``              entries reclaimed from dead consumers (same)
+``retrain_events_trimmed_total{group}``                entries trimmed away before they were handled (same;
+                                                       each also has a dead-letter entry)
 ``retrain_decisions_total{action,trigger}``            decisions (action ``start``/``suppress``), one per
                                                        fired trigger (``none`` when no trigger fired)
 ``retrain_pipeline_step_seconds{step}``                histogram of pipeline step durations
@@ -261,7 +263,9 @@ class _ConsumerCollector:
 
     FIELDS = (("dead_lettered", "events_dead_lettered", "Entries moved to the dead-letter stream."),
               ("duplicates", "events_duplicates", "Redelivered entries skipped by event id."),
-              ("reclaimed", "events_reclaimed", "Entries reclaimed from consumers that stopped."))
+              ("reclaimed", "events_reclaimed", "Entries reclaimed from consumers that stopped."),
+              ("trimmed", "events_trimmed", "Entries trimmed from the stream before they were handled "
+                                            "(each also has a dead-letter entry)."))
 
     def __init__(self) -> None:
         self.consumers: weakref.WeakSet = weakref.WeakSet()
