@@ -75,3 +75,34 @@ class TestMonitor:
         out = subprocess.run([sys.executable, "-m", "workers.cli", "monitor", "nope"], capture_output=True,
                              text=True, env=env, cwd=ROOT)
         assert out.returncode == 2 and "no policy" in out.stderr
+
+
+class TestLivePerformance:
+    def test_a_production_record_without_a_finite_baseline_still_reports_performance(self, redis_client, keys):
+        """A NaN primary metric in the registry is not sent as the baseline (it would be refused); the measurement still goes out."""
+        import random
+
+        from config.policy import policy_from_dict
+        from workers.monitor import run_monitors
+        from workers.registry.store import ModelVersion
+
+        registry = Registry(redis_client, keys)
+        registry.register(ModelVersion(model="churn", version=0, status="production", artifact_uri="file:///x.skops",
+                                       sha256="0" * 64, metrics={"primary": float("nan")},
+                                       created_at=(datetime.now(timezone.utc) - timedelta(hours=1)).isoformat()))
+        registry.set_alias("churn", "production", 1)
+        rng = random.Random(0)
+        for i in range(300):
+            label = rng.randint(0, 1)
+            pred = label if rng.random() < 0.8 else 1 - label
+            redis_client.xadd(keys.requests("churn"), {
+                "request_id": f"r{i}", "version": "1", "latency_ms": "1.0", "prediction": json.dumps(pred),
+                "score": f"{0.7 if pred else 0.3:.2f}", "error": "", "shadow": "0", "ts": f"{datetime.now().timestamp():.3f}"})
+            redis_client.xadd(keys.feedback("churn"), {"request_id": f"r{i}", "label": json.dumps(label),
+                                                       "ts": datetime.now().timestamp()})
+        policy = policy_from_dict({"model": {"name": "churn", "task": "binary", "target": "y"}})
+        summary = run_monitors(redis_client, keys, "churn", policy)
+        assert "performance.measured" in summary["published"], summary
+        [event] = [json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for("churn"))
+                   if json.loads(f[b"e"])["type"] == "performance.measured"]
+        assert event["data"].get("baseline") is None and 0.7 < event["data"]["value"] < 0.9

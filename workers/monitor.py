@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -144,8 +145,12 @@ def _live_monitors(client, keys, model, policy, record, summary) -> list:
     version = str(record.version)
     m = measure_performance(predictions, labels, policy.model.task, version=version,
                             min_labeled=max(1, policy.triggers.min_labeled_samples))
-    if m.value is not None:
+    if m.value is not None and not math.isfinite(m.value):
+        summary["notes"].append(f"performance: {m.metric} is not a finite number on the labeled requests")
+    elif m.value is not None:
         baseline = (record.metrics or {}).get("primary")
+        if baseline is not None and not math.isfinite(float(baseline)):
+            baseline = None  # a registry record without a usable baseline: the event falls back to none
         summary["performance"] = {"metric": m.metric, "value": m.value, "n_labeled": m.n_labeled}
         events.append(performance_event(model, m, baseline=baseline, version=version, source=SOURCE))
     if record.reference_scores and "score" in predictions:
