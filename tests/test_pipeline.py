@@ -98,10 +98,10 @@ class TestPipeline:
         wait_for(lambda: registry.get("churn", 2).status == "shadow", timeout=30, message="v2 in shadow")
         rollout = json.loads(redis_client.hget(keys.rollout("churn"), "state"))
         assert rollout["candidate"] == "2" and rollout["production"] == "1"
-        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.history("churn"))]
-        for expected in ("retrain.decided", "training.started", "training.succeeded", "gate.passed",
-                         "model.staged", "rollout.started"):
-            assert expected in types
+        expected = {"retrain.decided", "training.started", "training.succeeded", "gate.passed", "model.staged",
+                    "rollout.started"}
+        wait_for(lambda: expected <= set(history_types(redis_client, keys)), timeout=30,
+                 message="the pipeline's events in the model's history (recorded by the decision worker)")
 
     @pytest.mark.slow
     def test_gate_failure_rejects_alerts_and_frees_the_slot(self, stack, redis_client, keys):
@@ -115,8 +115,8 @@ class TestPipeline:
         alerts = [json.loads(a)["data"] for a in redis_client.lrange(keys.alerts("churn"), 0, -1)]
         assert any("quality gate" in a["title"] and "minimum_performance" in a["message"] for a in alerts)
         assert registry.alias("churn", "production") is None
-        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.history("churn"))]
-        assert "gate.failed" in types and "model.staged" not in types
+        wait_for(lambda: "gate.failed" in history_types(redis_client, keys), timeout=30, message="gate.failed recorded")
+        assert "model.staged" not in history_types(redis_client, keys)
 
     @pytest.mark.slow
     def test_bad_training_data_stops_the_pipeline_listing_every_problem(self, stack, redis_client, keys, tmp_path):
@@ -137,8 +137,14 @@ class TestPipeline:
         assert "min_rows" in error or "rows" in error
         assert "null" in error
         assert registry.versions("churn") == []
-        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.history("churn"))]
-        assert "training.failed" in types
+        # The event reaches the model's history once the decision worker has consumed it.
+        wait_for(lambda: "training.failed" in history_types(redis_client, keys), timeout=30,
+                 message="training.failed in the model's history")
+
+
+def history_types(client, keys, model="churn") -> list[str]:
+    """Event types in the model's history (what the decision worker has recorded so far)."""
+    return [json.loads(f[b"e"])["type"] for _, f in client.xrange(keys.history(model))]
 
 
 def _pipeline(client, keys):

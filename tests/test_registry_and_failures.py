@@ -123,6 +123,34 @@ class TestAlerts:
         assert body["alert"]["type"] == "alert.raised"
         assert recent_alerts(redis_client, keys, "churn")[0]["title"] == "gate failed"
 
+    def test_an_alert_with_a_fixed_id_is_recorded_and_posted_once(self, redis_client, keys, settings):
+        """raise_alert twice with one event_id (a re-run): one recorded alert, one webhook call, the
+        event published under that id; another id is a new alert."""
+        from workers.alerts import raise_alert, recent_alerts
+
+        server = HTTPServer(("127.0.0.1", 0), _Hook)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        try:
+            bus = EventBus.from_settings(redis_client, settings)
+            _Hook.received.clear()
+            for _ in range(2):
+                event = raise_alert(redis_client, keys, bus, "churn", "critical", "training failed", "disk full",
+                                    webhook_url=url, event_id="p-1:alert.raised:train")
+                assert event.id == "p-1:alert.raised:train"
+            wait_for(lambda: _Hook.received, timeout=5, message="the webhook call")
+            time.sleep(0.3)
+            assert len(_Hook.received) == 1
+            raise_alert(redis_client, keys, bus, "churn", "critical", "training failed", "disk full",
+                        webhook_url=url, event_id="p-2:alert.raised:train")
+            wait_for(lambda: len(_Hook.received) == 2, timeout=5, message="the second pipeline's webhook call")
+        finally:
+            server.shutdown()
+        assert [a["id"] for a in recent_alerts(redis_client, keys, "churn")] == ["p-2:alert.raised:train",
+                                                                               "p-1:alert.raised:train"]
+        ids = {json.loads(f[b"e"])["id"] for _, f in redis_client.xrange(keys.events_for("churn"))}
+        assert ids == {"p-1:alert.raised:train", "p-2:alert.raised:train"}
+
 
 SLOW_POLICY_PATCH = {
     'estimator = "sklearn.linear_model.LogisticRegression"': 'estimator = "sklearn.ensemble.RandomForestClassifier"',

@@ -2,6 +2,11 @@
 
 The webhook body is JSON with a Slack-compatible ``text`` field plus the structured alert.
 Its URL comes from ``RETRAIN_ALERT_WEBHOOK_URL`` (a secret: never logged).
+
+An alert with a deterministic id (``event_id``: what a re-run of the same task or a replay of the
+same outbox would raise again) is recorded and sent once: the second time the id is found among
+the model's recent alerts, and neither the list push nor the webhook is repeated (the event is
+published again with the same id, which the bus consumers de-duplicate).
 """
 
 from __future__ import annotations
@@ -21,15 +26,40 @@ ALERTS_KEPT = 100
 WEBHOOK_TIMEOUT_S = 3.0
 
 
-def alert_event(model: str, severity: str, title: str, message: str = "", **context: Any):
+def alert_event(model: str, severity: str, title: str, message: str = "", *, event_id: str | None = None,
+                **context: Any):
+    """The ``alert.raised`` event; ``event_id`` makes its id deterministic (random when None)."""
     return new_event("alert.raised", model, {"severity": severity, "title": title, "message": message, **context},
-                     source="urn:retrain:alerts")
+                     source="urn:retrain:alerts", id=event_id)
 
 
 def record_alert(pipe, keys: Keys, event) -> None:
     """Queue the alert into the model's recent-alerts list (for ``retrain status``)."""
     pipe.lpush(keys.alerts(event.subject), event.to_json())
     pipe.ltrim(keys.alerts(event.subject), 0, ALERTS_KEPT - 1)
+
+
+_RECORD_ONCE = """
+-- KEYS[1] the model's alert list; ARGV: alert id, alert JSON, how many alerts are kept
+for _, raw in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local ok, alert = pcall(cjson.decode, raw)
+  if ok and type(alert) == 'table' and alert['id'] == ARGV[1] then return 0 end
+end
+redis.call('LPUSH', KEYS[1], ARGV[2])
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
+return 1
+"""
+
+
+def record_alert_once(client, keys: Keys, event) -> bool:
+    """Record the alert unless one with the same id is among the model's recent alerts.
+
+    Atomic (one server-side script): of two workers recording the same alert id, one records it.
+    Returns True when recorded now, False for a repeat. An id older than the ``ALERTS_KEPT`` most
+    recent alerts is no longer found, so a replay that late records it again.
+    """
+    script = client.register_script(_RECORD_ONCE)
+    return bool(script(keys=[keys.alerts(event.subject)], args=[event.id, event.to_json(), ALERTS_KEPT]))
 
 
 def notify_webhook(event, url: str | None, *, background: bool = True) -> None:
@@ -58,15 +88,23 @@ def notify_webhook(event, url: str | None, *, background: bool = True) -> None:
 
 
 def raise_alert(client, keys: Keys, bus, model: str, severity: str, title: str, message: str = "",
-                *, webhook_url: str | None = None, **context: Any):
-    """Log, record, publish and (optionally) send one alert; return the event."""
-    event = alert_event(model, severity, title, message, **context)
-    log.warning("alert.raised", model=model, severity=severity, title=title, alert_message=message)
-    pipe = client.pipeline(transaction=True)
-    record_alert(pipe, keys, event)
-    pipe.execute()
+                *, webhook_url: str | None = None, event_id: str | None = None, **context: Any):
+    """Log, record, publish and (optionally) send one alert; return the event.
+
+    With ``event_id`` (a key the caller derives from what it alerts about, e.g. pipeline id and
+    step) raising the same alert again records nothing and posts no webhook; the event is
+    published again under the same id (consumers de-duplicate it), so a run that died between
+    recording and publishing still gets it out.
+    """
+    event = alert_event(model, severity, title, message, event_id=event_id, **context)
+    first = record_alert_once(client, keys, event)
+    if first:
+        log.warning("alert.raised", model=model, severity=severity, title=title, alert_message=message)
+    else:
+        log.info("alert.already_raised", model=model, alert_id=event.id, title=title)
     bus.publish(event)
-    notify_webhook(event, webhook_url)
+    if first:
+        notify_webhook(event, webhook_url)
     return event
 
 

@@ -28,6 +28,10 @@ log = structlog.get_logger(__name__)
 
 SOURCE = "urn:retrain:pipeline"
 STEP_OUTPUT_TTL_S = 14 * 86400
+PIPELINE_RECORD_TTL_S = 30 * 86400
+"""How long a pipeline's status hash (``keys.pipeline``: status, step timings, validation, gate,
+error) is kept after its last update: a month for operators to look into a failed or slow run.
+The model's versions, decisions and event history keep the lasting record."""
 
 
 class PipelineStepFailed(Exception):
@@ -74,8 +78,12 @@ class _Env:
         self.bus.publish(event)
 
     def mark(self, ctx: dict[str, Any], **fields: Any) -> None:
-        self.redis.hset(self.keys.pipeline(ctx["model"], ctx["pipeline_id"]),
-                        mapping={k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()})
+        """Update the pipeline's status hash; it expires PIPELINE_RECORD_TTL_S after this update."""
+        key = self.keys.pipeline(ctx["model"], ctx["pipeline_id"])
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping={k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in fields.items()})
+        pipe.expire(key, PIPELINE_RECORD_TTL_S)
+        pipe.execute()
 
     def production(self, model: str):
         version = self.registry.alias(model, "production")
@@ -176,6 +184,9 @@ def gate(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
     from workers.registry.artifacts import load_artifact
 
     model = ctx["model"]
+    rejected = _rejected_version(env, ctx)
+    if rejected is not None:
+        _reject(env, ctx, rejected, rejected.gate or {})  # a re-run: the first verdict stands
     policy = env.policy(model)
     candidate = load_artifact(ctx["artifact_uri"], ctx["sha256"], env.settings.trusted_prefixes)
     production_record = env.production(model)
@@ -188,17 +199,40 @@ def gate(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
     result = report.to_dict()
     env.mark(ctx, gate=result)
     if not report.passed and not ctx.get("force"):
-        version = _register(env, ctx, status="rejected", gate=result)
-        env.emit(ctx, "gate.failed", version=version.version, passed=False, failed_checks=report.failed,
-                 checks=_check_summary(result))
-        raise GateFailed(f"gate failed for v{version.version}: " + ", ".join(
-            f"{c['name']} ({c.get('detail') or c.get('value')})" for c in result["checks"]
-            if not c["passed"] and not c.get("skipped")))
+        _reject(env, ctx, _register(env, ctx, status="rejected", gate=result), result)
     env.emit(ctx, "gate.passed", passed=True, failed_checks=report.failed, checks=_check_summary(result))
     return {**ctx, "gate": result, "reference_scores": reference_scores(candidate, holdout, policy)}
 
 
+def _rejected_version(env: _Env, ctx: dict[str, Any]):
+    """The version this pipeline registered as ``rejected`` (None if none, or the pipeline is forced)."""
+    if ctx.get("force"):
+        return None
+    version = env.registry.find_by_pipeline(ctx["model"], ctx["pipeline_id"])
+    return version if version is not None and version.status == "rejected" else None
+
+
+def _reject(env: _Env, ctx: dict[str, Any], version, result: dict[str, Any]) -> None:
+    """Emit ``gate.failed`` for ``version`` and raise GateFailed, built from the stored gate report only.
+
+    The first rejection registers the version as ``rejected`` with its report; a re-run (the emit
+    failed and the task retried, or the message was redelivered) comes here again with the stored
+    report, so it emits the same event (same id) and fails with the same message, whatever a
+    timing-based check would say on a second look.
+    """
+    env.emit(ctx, "gate.failed", version=version.version, passed=False, failed_checks=result.get("failed", []),
+             checks=_check_summary(result))
+    raise GateFailed(f"gate failed for v{version.version}: " + ", ".join(
+        f"{c['name']} ({c.get('detail') or c.get('value')})" for c in result.get("checks", [])
+        if not c["passed"] and not c.get("skipped")))
+
+
 def stage(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Register the version as ``staged`` and point ``candidate`` at it; never a version the gate
+    rejected (unless the pipeline is forced): that fails again with the gate's GateFailed."""
+    rejected = _rejected_version(env, ctx)
+    if rejected is not None:
+        _reject(env, ctx, rejected, rejected.gate or {})
     version = _register(env, ctx, status="staged", gate=ctx.get("gate"))
     if version.status == "rejected" and ctx.get("force"):
         version = env.registry.set_status(ctx["model"], version.version, "staged", who="operator",
@@ -209,15 +243,32 @@ def stage(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
     return {**ctx, "version": version.version}
 
 
+FIRST_MODEL_PROMOTED = "first model: promoted directly"
+
+
 def start_rollout(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Promote a model's first version directly, or start the rollout of the staged version.
+
+    Idempotent: a re-run after a crash (before this step's output was stored) finds the rollout
+    this pipeline started (active or finished) or the first model already in production, and
+    returns the same result without starting anything again. A version that is no longer
+    ``staged`` otherwise (a re-run so late that the version has moved on) is left alone.
+    """
     from workers.rollout.control import RolloutControl
 
     model, version = ctx["model"], int(ctx["version"])
     control = RolloutControl(env.redis, env.keys, policies=env.policies)
-    if env.registry.alias(model, "production") is None:
+    production = env.registry.alias(model, "production")
+    started = control.started_by(model, version, ctx["pipeline_id"])
+    if not started and production in (None, version):
         promote_first(env, model, version, why=f"first model of {model} (pipeline {ctx['pipeline_id']})")
         _release(env, ctx)
-        return {**ctx, "rollout": "first model: promoted directly"}
+        return {**ctx, "rollout": FIRST_MODEL_PROMOTED}
+    status = env.registry.get(model, version).status
+    if not started and status != "staged":
+        log.warning("pipeline.rollout_step_rerun_skipped", version=version, status=status)
+        _release(env, ctx)
+        return {**ctx, "rollout": f"not started: v{version} is already {status}"}
     state = control.begin(model, version, pipeline_id=ctx["pipeline_id"], who="pipeline",
                           why=f"decision {ctx.get('decision_id')}")
     env.mark(ctx, status="rollout", rollout_status=state.status)
@@ -252,7 +303,8 @@ def reference_scores(model, holdout: pd.DataFrame, policy) -> list[float]:
 
 
 def _check_summary(report: dict) -> list[dict]:
-    return [{"name": c["name"], "passed": c["passed"], "skipped": bool(c.get("skipped"))} for c in report["checks"]]
+    return [{"name": c["name"], "passed": c["passed"], "skipped": bool(c.get("skipped"))}
+            for c in report.get("checks", [])]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -302,16 +354,24 @@ def _decision(env: _Env, ctx: dict[str, Any]) -> dict | None:
 
 
 def promote_first(env: _Env, model: str, version: int, why: str) -> None:
-    """The first model of a name has nothing to roll out against: it becomes production."""
-    from workers.router.traffic import TrafficTable, write_traffic
+    """The first model of a name has nothing to roll out against: it becomes production.
 
-    env.registry.set_status(model, version, "production", who="pipeline", why=why)
-    pipe = env.redis.pipeline(transaction=True)
-    env.registry.set_alias(model, "production", version, who="pipeline", why=why, pipe=pipe)
-    env.registry.set_alias(model, "candidate", None, who="pipeline", why=why, pipe=pipe)
-    pipe.execute()
-    write_traffic(env.redis, env.keys, model, TrafficTable(production=str(version), previous="", candidate="",
-                                                          candidate_percent=0.0, shadow=""))
+    Idempotent: a re-run completes what a crashed run left undone and repeats nothing else (no
+    second alias move; the traffic table is written only while it names no production, so a
+    late re-run never overwrites a table a later rollout wrote; the event has a fixed id).
+    """
+    from workers.router.traffic import TrafficTable, read_traffic, write_traffic
+
+    if env.registry.get(model, version).status != "production":
+        env.registry.set_status(model, version, "production", who="pipeline", why=why)
+    if env.registry.alias(model, "production") != version:
+        pipe = env.redis.pipeline(transaction=True)
+        env.registry.set_alias(model, "production", version, who="pipeline", why=why, pipe=pipe)
+        env.registry.set_alias(model, "candidate", None, who="pipeline", why=why, pipe=pipe)
+        pipe.execute()
+    if not read_traffic(env.redis, env.keys, model).production:
+        write_traffic(env.redis, env.keys, model, TrafficTable(production=str(version), previous="", candidate="",
+                                                              candidate_percent=0.0, shadow=""))
     env.bus.publish(new_event("rollout.completed", model, {"version": version, "traffic": 100, "reason": why},
                               source=SOURCE, id=f"{model}:first:{version}"))
 
@@ -323,18 +383,23 @@ def _release(env: _Env, ctx: dict[str, Any]) -> None:
 
 
 def handle_failure(ctx: dict[str, Any], step: str, exc: BaseException) -> None:
-    """link_error: record, emit training.failed / gate.failed, alert, free the single-flight slot."""
+    """link_error: record, emit training.failed / gate.failed, alert, free the single-flight slot.
+
+    Safe to run twice (a redelivered task fails again and calls it again): the events and the
+    alert have ids made of the pipeline id and the step, so the alert is recorded and sent once.
+    """
     from workers.alerts import raise_alert, webhook_url_from_settings
 
     env = _Env()
     reason = str(exc) or type(exc).__name__
+    blocked = step == "gate" or isinstance(exc, GateFailed)  # the gate's verdict, not a breakdown
     env.mark(ctx, status=f"failed:{step}", failed_step=step, error=reason,
              failed_at=datetime.now(timezone.utc).isoformat())
-    if step != "gate":
+    if not blocked:
         env.emit(ctx, "training.failed", step=step, error=reason[:2000])
-    title = "quality gate blocked a candidate" if step == "gate" else f"training pipeline failed at {step}"
-    raise_alert(env.redis, env.keys, env.bus, ctx["model"], "warning" if step == "gate" else "critical",
+    title = "quality gate blocked a candidate" if blocked else f"training pipeline failed at {step}"
+    raise_alert(env.redis, env.keys, env.bus, ctx["model"], "warning" if blocked else "critical",
                 title, reason[:2000], webhook_url=webhook_url_from_settings(env.settings),
-                pipeline_id=ctx["pipeline_id"])
+                event_id=f"{ctx['pipeline_id']}:alert.raised:{step}", pipeline_id=ctx["pipeline_id"])
     _release(env, ctx)
     log.warning("pipeline.failed", model=ctx["model"], step=step, error=reason)

@@ -1,0 +1,148 @@
+"""Pipeline steps run twice, as a redelivered or retried task runs them: the second run changes nothing.
+
+The steps are called in-process on a real Redis (``run_step`` stores a step's output; calling a
+step function directly is a re-run that died before its output was stored).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from config.settings import reset_settings
+from tests.test_pipeline import setup_model
+from workers.pipeline import steps
+from workers.registry.store import ModelVersion, Registry
+from workers.rollout.control import RolloutControl
+from workers.router.traffic import read_traffic
+
+MODEL = "churn"
+
+
+@pytest.fixture
+def pipeline_env(redis_client, tmp_path, monkeypatch):
+    """Training data and a policy for ``churn`` in tmp_path, the settings pointed at them."""
+
+    def _setup(**kwargs):
+        for name, value in setup_model(tmp_path, **kwargs).items():
+            monkeypatch.setenv(name, value)
+        reset_settings()
+        return tmp_path / "policies" / f"{MODEL}.toml"
+
+    yield _setup
+    monkeypatch.undo()
+    reset_settings()
+
+
+def context(pipeline_id: str) -> dict:
+    return {"model": MODEL, "pipeline_id": pipeline_id, "decision_id": None, "triggers": [], "event_ids": [],
+            "force": False}
+
+
+def trained(pipeline_id: str) -> dict:
+    return steps.run_step("train", steps.run_step("validate_data", context(pipeline_id)))
+
+
+def published(client, keys) -> dict[str, str]:
+    return {e["id"]: e["type"] for e in (json.loads(f[b"e"]) for _, f in client.xrange(keys.events_for(MODEL)))}
+
+
+class TestGateRerun:
+    def test_a_rejected_version_is_never_staged_by_a_rerun(self, pipeline_env, redis_client, keys, monkeypatch):
+        """The gate rejects v1 and its gate.failed emit fails (the task retries); on the retry the
+        check would pass. The re-run gate and a stage both fail with the same GateFailed, the event
+        goes out, and v1 stays rejected and is never the candidate."""
+        policy = pipeline_env(min_accuracy=0.99)
+        out = trained("p-1")
+        real_emit = steps._Env.emit
+
+        def emit_with_a_broker_blip(env, ctx, etype, **data):
+            if etype == "gate.failed":
+                raise redis.ConnectionError("broker blip")
+            return real_emit(env, ctx, etype, **data)
+
+        monkeypatch.setattr(steps._Env, "emit", emit_with_a_broker_blip)
+        with pytest.raises(redis.ConnectionError):
+            steps.run_step("gate", out)
+        monkeypatch.setattr(steps._Env, "emit", real_emit)
+        registry = Registry(redis_client, keys)
+        assert [(v.version, v.status) for v in registry.versions(MODEL)] == [(1, "rejected")]
+        # A second look would pass (a timing check can; here the threshold is lowered).
+        policy.write_text(policy.read_text().replace("min_accuracy = 0.99", "min_accuracy = 0.5"))
+        from workers.policies import policy_store
+
+        assert policy_store().all()[MODEL].gate.min_accuracy == 0.5
+        with pytest.raises(steps.GateFailed) as rerun:
+            steps.run_step("gate", out)
+        with pytest.raises(steps.GateFailed) as staged:
+            steps.run_step("stage", {**out, "gate": {"passed": True, "checks": []}})
+        assert str(rerun.value) == str(staged.value) and "minimum_performance" in str(rerun.value)
+        assert registry.get(MODEL, 1).status == "rejected" and registry.alias(MODEL, "candidate") is None
+        events = published(redis_client, keys)
+        assert events.get("p-1:gate.failed") == "gate.failed"
+        assert "model.staged" not in events.values() and "gate.passed" not in events.values()
+
+
+class TestStartRolloutRerun:
+    def test_first_model_promotion_rerun_is_a_no_op(self, pipeline_env, redis_client, keys):
+        """start_rollout of the first model run twice: the second returns the same result and moves,
+        writes and alerts nothing; one that died before the traffic write writes it."""
+        pipeline_env()
+        staged = steps.run_step("stage", steps.run_step("gate", trained("p-1")))
+        first = steps.start_rollout(steps._Env(), staged)
+        table = read_traffic(redis_client, keys, MODEL)
+        again = steps.start_rollout(steps._Env(), staged)
+        registry = Registry(redis_client, keys)
+        assert again == first and first["rollout"] == steps.FIRST_MODEL_PROMOTED
+        assert registry.alias(MODEL, "production") == 1 and registry.get(MODEL, 1).status == "production"
+        assert len(registry.alias_history(MODEL, "production")) == 1
+        assert read_traffic(redis_client, keys, MODEL).revision == table.revision == 1
+        assert redis_client.lrange(keys.alerts(MODEL), 0, -1) == []
+        assert "training.failed" not in published(redis_client, keys).values()
+        redis_client.delete(keys.traffic(MODEL))  # as if the first run died before writing the table
+        assert steps.start_rollout(steps._Env(), staged) == first
+        assert read_traffic(redis_client, keys, MODEL).production == "1"
+
+    def test_rollout_step_rerun_returns_the_pipelines_own_rollout(self, pipeline_env, redis_client, keys):
+        """A re-run of start_rollout returns the rollout its pipeline started, running or finished,
+        and never starts a second one (a rolled-back candidate is not rolled out again)."""
+        pipeline_env()
+        registry = Registry(redis_client, keys)
+        for pid, status in (("p-1", "production"), ("p-2", "staged")):
+            registry.register(ModelVersion(model=MODEL, version=0, status=status, artifact_uri=f"file:///x/{pid}",
+                                           sha256="0" * 64, pipeline_id=pid))
+        registry.set_alias(MODEL, "production", 1, who="test", why="setup")
+        ctx = {**context("p-2"), "version": 2}
+        assert steps.start_rollout(steps._Env(), ctx)["rollout"] == "shadow"
+        control = RolloutControl(redis_client, keys)
+        revision = control.load(MODEL)[0].revision
+        assert steps.start_rollout(steps._Env(), ctx)["rollout"] == "shadow"
+        assert control.load(MODEL)[0].revision == revision
+        control.manual(MODEL, "rollback", "bob", "bad")
+        revision = control.load(MODEL)[0].revision
+        assert steps.start_rollout(steps._Env(), ctx)["rollout"] == "rolled_back"
+        state = control.load(MODEL)[0]
+        assert state.revision == revision and state.status == "rolled_back"
+        assert registry.get(MODEL, 2).status == "rolled_back"
+
+
+class TestFailureHandlerRerun:
+    def test_a_failure_handled_twice_alerts_once(self, pipeline_env, redis_client, keys):
+        """handle_failure run twice for one pipeline and step records one alert, with a fixed id."""
+        pipeline_env()
+        for _ in range(2):
+            steps.handle_failure(context("p-9"), "train", RuntimeError("disk full"))
+        alerts = [json.loads(a) for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
+        assert [a["id"] for a in alerts] == ["p-9:alert.raised:train"]
+        assert alerts[0]["data"]["severity"] == "critical" and "disk full" in alerts[0]["data"]["message"]
+
+
+class TestPipelineRecord:
+    def test_the_pipeline_record_expires(self, pipeline_env, redis_client, keys):
+        """The pipeline's status hash gets a TTL on every update: long enough for ops, not forever."""
+        pipeline_env()
+        steps._Env().mark(context("p-3"), status="running:train")
+        ttl = redis_client.ttl(keys.pipeline(MODEL, "p-3"))
+        assert 7 * 86400 <= ttl <= 366 * 86400
