@@ -13,7 +13,8 @@ from config.policy import policy_from_dict
 from tests.support import wait_for
 from workers.decision.state import DecisionStore
 from workers.registry.store import ModelVersion, Registry
-from workers.rollout.control import RolloutConflict, RolloutControl
+from workers.rollout.control import MANUAL_LOCK_WAIT_S, RolloutConflict, RolloutControl
+from workers.rollout.machine import SetTraffic
 from workers.router.traffic import read_traffic
 
 MODEL = "churn"
@@ -288,6 +289,185 @@ class TestConcurrency:
         other.tick(MODEL)
         assert read_traffic(redis_client, keys, MODEL).candidate_percent == 10
         assert json.loads(other.load(MODEL)[1]["outbox"]) == []
+
+
+class TestEvidenceWindow:
+    def test_records_from_before_the_phase_start_are_no_evidence(self, control, versions, redis_client, keys):
+        """Records written in the phase's first millisecond before it started, or served before it
+        and logged late, are not counted for the phase; records served after it are."""
+        import dataclasses
+        from datetime import datetime, timezone
+
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        Traffic(redis_client, keys, seed=13).serve(50, traffic=0, shadow=True)
+        [(last_id, _)] = redis_client.xrevrange(keys.requests(MODEL), count=1)
+        last_ms = int(last_id.decode().split("-")[0])
+        started = last_ms / 1000 + 0.0009  # the same millisecond as the last shadow record, after it
+        state = dataclasses.replace(ctl.load(MODEL)[0],
+                                    phase_started_at=datetime.fromtimestamp(started, timezone.utc))
+        assert ctl.phase_records(MODEL, state) == []
+        time.sleep(0.005)
+        base = {"version": "2", "latency_ms": "2.0", "prediction": "1", "score": "0.7", "error": "", "shadow": "0"}
+        redis_client.xadd(keys.requests(MODEL), {**base, "request_id": "late", "ts": f"{started - 0.1:.6f}"})
+        redis_client.xadd(keys.requests(MODEL), {**base, "request_id": "new", "ts": f"{time.time():.6f}"})
+        assert [r["request_id"] for r in ctl.phase_records(MODEL, state)] == ["new"]
+
+
+class TestStaleActors:
+    def test_a_stale_traffic_write_never_undoes_a_later_manual_rollback(self, control, versions, redis_client,
+                                                                         keys):
+        """A tick saves r2 (canary at 10 %) but applies it only after an operator rollback (r3) was
+        saved and applied: the stale apply changes nothing, traffic stays rolled back."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        Traffic(redis_client, keys, seed=14).serve(200, traffic=0, shadow=True)
+        stale, held = control(), []
+        stale._apply = lambda model, state, actions: held.append((state, actions))  # saved, not yet applied
+        stale.tick(MODEL)
+        [(saved, actions)] = held
+        assert saved.phase == "canary" and any(isinstance(a, SetTraffic) and a.candidate_percent == 10
+                                               for a in actions)
+        assert control().manual(MODEL, "rollback", "bob", "pager").status == "rolled_back"
+        RolloutControl._apply(stale, MODEL, saved, actions)  # the stale worker wakes up
+        table = read_traffic(redis_client, keys, MODEL)
+        assert (table.production, table.candidate, table.candidate_percent, table.shadow) == ("1", None, 0.0, None)
+        assert versions.get(MODEL, 2).status == "rolled_back"
+        assert ctl.load(MODEL)[0].status == "rolled_back"
+
+    def test_a_stale_promote_never_undoes_a_later_manual_rollback(self, control, versions, redis_client, keys):
+        """An operator promote saved (r2) but applied only after a rollback of the completed rollout
+        (r3): production stays on v1."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        stale, held = control(), []
+        stale._apply = lambda model, state, actions: held.append((state, actions))
+        assert stale.manual(MODEL, "promote", "ana", "hotfix").status == "completed"
+        assert control().manual(MODEL, "rollback", "bob", "v2 is bad").status == "rolled_back"
+        [(saved, actions)] = held
+        RolloutControl._apply(stale, MODEL, saved, actions)
+        assert versions.alias(MODEL, "production") == 1
+        assert versions.get(MODEL, 2).status == "rolled_back" and versions.get(MODEL, 1).status == "production"
+        assert read_traffic(redis_client, keys, MODEL).production == "1"
+
+    def test_tick_all_releases_only_its_own_lock(self, control, versions, redis_client, keys):
+        """A tick outliving its lock, which another worker then took, leaves that worker's lock alone."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        lock = keys.lock(MODEL, "rollout-tick")
+
+        def long_tick(model, now=None):
+            redis_client.set(lock, "other-worker", px=60_000)  # ours expired; another worker took it
+            return None
+
+        ctl.tick = long_tick
+        assert ctl.tick_all() == {MODEL: "none"}
+        assert redis_client.get(lock) == b"other-worker"
+
+    def test_manual_waits_for_a_running_tick_but_never_for_a_stuck_one(self, control, versions, redis_client,
+                                                                       keys):
+        """An operator command waits for the tick holding the lock, then runs and frees its own lock;
+        a lock nobody releases delays it at most MANUAL_LOCK_WAIT_S."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        lock = keys.lock(MODEL, "rollout-tick")
+        redis_client.set(lock, "ticking-worker", px=10_000)
+        timer = threading.Timer(0.3, lambda: redis_client.delete(lock))
+        timer.start()
+        started = time.monotonic()
+        assert ctl.manual(MODEL, "pause", "ana", "look").status == "paused"
+        assert time.monotonic() - started >= 0.25
+        timer.join()
+        assert redis_client.get(lock) is None
+        redis_client.set(lock, "stuck-worker", px=60_000)
+        started = time.monotonic()
+        assert ctl.manual(MODEL, "rollback", "bob", "pager").status == "rolled_back"
+        assert MANUAL_LOCK_WAIT_S - 0.1 <= time.monotonic() - started < MANUAL_LOCK_WAIT_S + 2
+        assert redis_client.get(lock) == b"stuck-worker"
+
+
+class TestRolloutAgain:
+    def test_begin_after_a_rollback_starts_a_new_rollout(self, control, versions, redis_client, keys):
+        """begin() of a rolled-back candidate starts a new rollout; of the running one returns it;
+        of the production version is refused."""
+        ctl = control()
+        first = ctl.begin(MODEL, 2)
+        assert ctl.begin(MODEL, 2).revision == first.revision  # the active rollout, not a second one
+        done = ctl.manual(MODEL, "rollback", "bob", "pager")
+        again = ctl.begin(MODEL, 2, who="ana", why="fixed the feature")
+        assert again.status == "shadow" and again.revision == done.revision + 1
+        assert read_traffic(redis_client, keys, MODEL).shadow == "2"
+        assert versions.get(MODEL, 2).status == "shadow" and versions.alias(MODEL, "candidate") == 2
+        ctl.manual(MODEL, "abort", "ana", "not today")
+        with pytest.raises(RolloutConflict, match="already is the production"):
+            ctl.begin(MODEL, 1)
+
+    def test_cli_promote_of_a_rolled_back_version_starts_its_rollout_again(self, control, versions, redis_server,
+                                                                           redis_client, keys):
+        """`retrain promote --version N` after N was rolled back starts a new rollout (exit 0)."""
+        import os
+        import subprocess
+        import sys
+
+        from tests.support import ROOT
+
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        done = ctl.manual(MODEL, "rollback", "bob", "pager")
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "promote", MODEL, "--version", "2", "--who", "ana",
+                              "--reason", "retry", "--json"], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url})
+        assert out.returncode == 0, out.stderr
+        shown = json.loads(out.stdout)
+        assert shown["status"] == "shadow" and shown["revision"] == done.revision + 1
+        assert ctl.load(MODEL)[0].active and read_traffic(redis_client, keys, MODEL).shadow == "2"
+
+
+class _Hook:
+    """A local webhook receiver counting the alerts posted to it."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class TestAlertsOnce:
+    def test_replaying_an_applied_outbox_raises_its_alert_once(self, versions, redis_client, keys):
+        """A worker that applied every action but died before clearing the outbox: the replays
+        publish the same alert id and record and post the alert once."""
+        hook = _Hook()
+        try:
+            ctl = RolloutControl(redis_client, keys, policies=Policies(), webhook_url=hook.url)
+            ctl.begin(MODEL, 2)
+            ctl._clear = lambda **kwargs: 0  # died before clearing the outbox
+            ctl.manual(MODEL, "rollback", "bob", "pager")
+            assert json.loads(ctl.load(MODEL)[1]["outbox"])
+            other = RolloutControl(redis_client, keys, policies=Policies(), webhook_url=hook.url)
+            assert other.replay_outbox(MODEL) and other.replay_outbox(MODEL) == 0
+            ctl.replay_outbox(MODEL)
+            wait_for(lambda: hook.received, timeout=5, message="the webhook call")
+            time.sleep(0.3)
+        finally:
+            hook.server.shutdown()
+        alerts = [json.loads(a) for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
+        assert len(alerts) == 1 and alerts[0]["data"]["severity"] == "critical"
+        assert len(hook.received) == 1
+        published = [json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for(MODEL))]
+        assert {e["id"] for e in published if e["type"] == "alert.raised"} == {alerts[0]["id"]}
 
 
 class TestRealWorker:

@@ -7,23 +7,32 @@ can never both advance the same revision), together with its actions; the action
 applied (traffic table, registry, events, alerts, single-flight release) and the outbox is
 cleared. A worker killed in between leaves the outbox, and the next tick applies it again:
 every action is idempotent (traffic writes are absolute, events have deterministic ids,
-registry moves check the current alias).
+registry moves check the current alias, an alert is recorded and posted once per id).
+
+Actions are applied only while their revision is still the saved one: traffic and alias writes
+check it atomically (WATCH/MULTI on the rollout hash), so a worker that wakes up late with an
+old transition can never undo a newer one (an operator's rollback); every committer applies a
+pending outbox before it saves over it. Operator commands take the model's tick lock too, and
+the lock is released only by its holder.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
 
+import redis
 import structlog
 
 from config.keys import Keys
 from config.policy import RolloutSection
 from events.bus import EventBus
 from events.envelope import new_event
-from workers.alerts import notify_webhook, record_alert
+from workers.alerts import notify_webhook, record_alert_once
 from workers.registry.store import Registry
 from workers.rollout import machine
 from workers.rollout.analysis import shadow_pairs, summarize
@@ -33,13 +42,24 @@ log = structlog.get_logger(__name__)
 
 SOURCE = "urn:retrain:rollout"
 TICK_LOCK_MS = 20_000
+MANUAL_LOCK_WAIT_S = 2.0
+"""How long an operator command waits for a running tick of the model to finish (a tick takes well
+under a second). After that it goes ahead anyway: an emergency rollback is never held up by a
+stuck lock, and the revision checks on every applied action keep the two apart."""
+LOCK_POLL_S = 0.01
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 _SAVE = """
--- KEYS[1] rollout hash, KEYS[2] active set ; ARGV: expected revision, new revision, state, outbox, model, active(1/0), pipeline id
+-- KEYS[1] rollout hash, KEYS[2] active set ; ARGV: expected revision, new revision, state, outbox, model, active(1/0),
+-- pipeline id, new rollout (1/0: a new rollout replaces the pipeline id, '' when an operator started it)
 local cur = redis.call('HGET', KEYS[1], 'revision')
 if (cur or '0') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'revision', ARGV[2], 'state', ARGV[3], 'outbox', ARGV[4])
-if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'pipeline_id', ARGV[7]) end
+if ARGV[8] == '1' or ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'pipeline_id', ARGV[7]) end
 if ARGV[6] == '1' then redis.call('SADD', KEYS[2], ARGV[5]) else redis.call('SREM', KEYS[2], ARGV[5]) end
 return 1
 """
@@ -68,6 +88,7 @@ class RolloutControl:
         self.webhook_url = webhook_url
         self._save = client.register_script(_SAVE)
         self._clear = client.register_script(_CLEAR_OUTBOX)
+        self._unlock = client.register_script(_UNLOCK)
 
     @classmethod
     def from_settings(cls, settings=None) -> "RolloutControl":
@@ -92,17 +113,29 @@ class RolloutControl:
             return None, raw
         return RolloutState.from_dict(json.loads(raw["state"])), raw
 
-    def _commit(self, model: str, expected: int, state: RolloutState, actions: list, pipeline_id: str = "") -> None:
+    def _commit(self, model: str, expected: int, state: RolloutState, actions: list, pipeline_id: str = "",
+                *, new_rollout: bool = False) -> None:
         ok = self._save(keys=[self.keys.rollout(model), self.keys.active_rollouts()], args=[
             str(expected), str(state.revision), json.dumps(state.to_dict(), default=str),
             json.dumps([a.to_dict() for a in actions], default=str), model, "1" if state.active else "0",
-            pipeline_id,
+            pipeline_id, "1" if new_rollout else "0",
         ])
         if not ok:
             raise RolloutConflict(f"rollout of {model} changed concurrently (expected revision {expected})")
         self._apply(model, state, actions)
 
     def _apply(self, model: str, state: RolloutState, actions: list) -> None:
+        """Apply the actions saved with ``state``, as long as ``state`` is still the saved revision.
+
+        A stale actor (its transition was followed by another one, e.g. an operator rollback that
+        was committed and applied meanwhile) applies nothing: the later transition's committer
+        applied the pending outbox before saving (tick, manual and begin all do), so nothing is
+        lost, and the stale traffic write cannot undo the later one. Traffic and alias writes
+        check the revision atomically (WATCH/MULTI), the rest just before.
+        """
+        if not self._still_at(model, state.revision):
+            log.info("rollout.stale_actions_skipped", model=model, revision=state.revision)
+            return
         for i, action in enumerate(actions):
             self._apply_one(model, state, action, i)
         self._clear(keys=[self.keys.rollout(model)], args=[str(state.revision)])
@@ -123,20 +156,47 @@ class RolloutControl:
         return len(outbox)
 
     # --- applying actions ----------------------------------------------------------------
+    def _still_at(self, model: str, revision: int) -> bool:
+        return int(self.redis.hget(self.keys.rollout(model), "revision") or 0) == revision
+
+    def _while_at(self, model: str, revision: int, queue, watch: tuple[str, ...] = ()) -> bool:
+        """Run the writes ``queue(pipe)`` queues in one MULTI/EXEC only while the rollout is at ``revision``.
+
+        The rollout hash (and ``watch``) is WATCHed from the revision check to EXEC: a transition
+        committed in between aborts the transaction and the check runs again. ``queue`` may read
+        (after the WATCH, so what it read is what EXEC writes against). Returns whether it ran.
+        """
+        key = self.keys.rollout(model)
+        with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key, *watch)
+                    if int(pipe.hget(key, "revision") or 0) != revision:
+                        log.info("rollout.stale_action_skipped", model=model, revision=revision)
+                        return False
+                    pipe.multi()
+                    queue(pipe)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
     def _apply_one(self, model: str, state: RolloutState, action, index: int) -> None:
         if isinstance(action, SetTraffic):
-            self._set_traffic(model, action, state)
+            if not self._set_traffic(model, action, state):
+                return
             status = REGISTRY_STATUS.get(state.status)
             if status and action.candidate:
                 self._status(model, int(action.candidate), status, "rollout", state.reason)
         elif isinstance(action, Promote):
-            self._promote(model, int(action.version), state)
+            self._promote(model, action, state)
         elif isinstance(action, Rollback):
             self._rollback(model, action, state)
         elif isinstance(action, Emit):
             self._emit(model, action, state, index)
 
-    def _set_traffic(self, model: str, action: SetTraffic, state: RolloutState) -> None:
+    def _set_traffic(self, model: str, action: SetTraffic, state: RolloutState) -> bool:
+        """Write the traffic table if the rollout is still at ``state``'s revision; return whether written."""
         from workers.router.traffic import TrafficTable, write_traffic
 
         table = TrafficTable(
@@ -146,7 +206,8 @@ class RolloutControl:
             candidate_percent=float(action.candidate_percent) if action.candidate else 0.0,
             shadow=(action.candidate or "") if action.shadow else "",
         )
-        write_traffic(self.redis, self.keys, model, table)
+        return self._while_at(model, state.revision,
+                              lambda pipe: write_traffic(self.redis, self.keys, model, table, pipe=pipe))
 
     def _status(self, model: str, version: int, status: str, who: str, why: str) -> None:
         try:
@@ -155,37 +216,59 @@ class RolloutControl:
         except LookupError:
             log.warning("rollout.unknown_version", model=model, version=version)
 
-    def _promote(self, model: str, version: int, state: RolloutState) -> None:
-        current = self.registry.alias(model, "production")
-        if current == version:
+    def _promote(self, model: str, action: Promote, state: RolloutState) -> None:
+        """Move the aliases (atomically, only at ``state``'s revision), then the statuses.
+
+        The statuses come after the aliases and are set again on a replay, so a run that died in
+        between is completed; ``action.previous`` names the outgoing production for that case.
+        """
+        version = int(action.version)
+        who, why = _last_who(state), state.reason
+        replaced: list[int] = []
+
+        def move(pipe) -> None:
+            replaced.clear()  # run again after a WatchError
+            current = self.registry.alias(model, "production")
+            if current == version:
+                return
+            if current is not None:
+                replaced.append(current)
+                self.registry.set_alias(model, "previous", current, who=who, why=f"replaced by v{version}", pipe=pipe)
+            self.registry.set_alias(model, "production", version, who=who, why=why, pipe=pipe)
+            self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
+
+        if not self._while_at(model, state.revision, move, watch=(self.keys.aliases(model),)):
             return
-        who = _last_who(state)
-        why = state.reason
+        if not self._still_at(model, state.revision):
+            return
         self._status(model, version, "production", who, why)
-        if current is not None:
-            self._status(model, current, "previous", who, f"replaced by v{version}")
-        pipe = self.redis.pipeline(transaction=True)
-        if current is not None:
-            self.registry.set_alias(model, "previous", current, who=who, why=f"replaced by v{version}", pipe=pipe)
-        self.registry.set_alias(model, "production", version, who=who, why=why, pipe=pipe)
-        self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
-        pipe.execute()
-        log.info("rollout.promoted", model=model, version=version, previous=current)
+        outgoing = replaced[0] if replaced else (int(action.previous) if action.previous else None)
+        if outgoing is not None and outgoing != version:
+            self._status(model, outgoing, "previous", who, f"replaced by v{version}")
+        if replaced:
+            log.info("rollout.promoted", model=model, version=version, previous=replaced[0])
 
     def _rollback(self, model: str, action: Rollback, state: RolloutState) -> None:
         from workers.router.traffic import TrafficTable, write_traffic
 
         to_version = action.to_version or state.production
-        write_traffic(self.redis, self.keys, model, TrafficTable(production=to_version, previous=state.previous or "",
-                                                                 candidate="", candidate_percent=0.0, shadow=""))
         who = _last_who(state)
-        if self.registry.alias(model, "production") == int(action.version):
-            # Rolled back after completion: production returns to the version before it.
-            pipe = self.redis.pipeline(transaction=True)
-            self.registry.set_alias(model, "production", int(to_version), who=who, why=action.reason, pipe=pipe)
-            pipe.execute()
+        was_production: list[bool] = []
+
+        def move(pipe) -> None:
+            write_traffic(self.redis, self.keys, model, TrafficTable(
+                production=to_version, previous=state.previous or "", candidate="", candidate_percent=0.0,
+                shadow=""), pipe=pipe)
+            was_production[:] = [self.registry.alias(model, "production") == int(action.version)]
+            if was_production[0]:
+                # Rolled back after completion: production returns to the version before it.
+                self.registry.set_alias(model, "production", int(to_version), who=who, why=action.reason, pipe=pipe)
+            self.registry.set_alias(model, "candidate", None, who=who, why=action.reason, pipe=pipe)
+
+        if not self._while_at(model, state.revision, move, watch=(self.keys.aliases(model),)):
+            return
+        if was_production[0]:
             self._status(model, int(to_version), "production", who, action.reason)
-        self.registry.set_alias(model, "candidate", None, who=who, why=action.reason)
         self._status(model, int(action.version), "archived" if action.aborted else "rolled_back", who, action.reason)
         log.warning("rollout.rolled_back", model=model, version=action.version, to_version=to_version,
                     reason=action.reason, manual=action.manual)
@@ -198,18 +281,24 @@ class RolloutControl:
             data.setdefault("version", int(state.candidate))
         event = new_event(action.type, model, data, source=SOURCE, id=f"{model}:rollout:{state.candidate}:{state.revision}:{index}")
         self.bus.publish(event)
-        if action.type == "alert.raised":
-            pipe = self.redis.pipeline(transaction=True)
-            record_alert(pipe, self.keys, event)
-            pipe.execute()
+        # The id is fixed by the transition (model, candidate, revision, action index): a replay of
+        # the same outbox finds the alert already recorded and neither records nor posts it again.
+        if action.type == "alert.raised" and record_alert_once(self.redis, self.keys, event):
             notify_webhook(event, self.webhook_url)
 
     # --- operations ----------------------------------------------------------------------
     def begin(self, model: str, candidate: int, *, pipeline_id: str = "", who: str = "system",
               why: str = "") -> RolloutState:
-        """Start a rollout of ``candidate`` (idempotent: the same candidate's rollout is returned)."""
+        """Start a rollout of ``candidate``; idempotent: the same candidate's active rollout is returned,
+        and so is its finished one when ``pipeline_id`` started it (a re-run of the pipeline step).
+
+        A finished rollout of the candidate started by anyone else (an operator rolling out again a
+        version that was rolled back) starts a new rollout. Raises RolloutConflict when another
+        rollout is active, there is no production, or the candidate already is production.
+        """
         state, raw = self.load(model)
-        if state is not None and state.candidate == str(candidate):
+        if state is not None and state.candidate == str(candidate) and (
+                state.active or (pipeline_id and raw.get("pipeline_id") == pipeline_id)):
             self.replay_outbox(model)
             return state
         if state is not None and state.active:
@@ -217,14 +306,23 @@ class RolloutControl:
         production = self.registry.alias(model, "production")
         if production is None:
             raise RolloutConflict(f"{model} has no production version to roll out against")
+        if production == int(candidate):
+            raise RolloutConflict(f"v{candidate} already is the production version of {model}")
+        if state is not None:
+            self.replay_outbox(model)  # the finished rollout's last actions first: this commit replaces them
         previous = self.registry.alias(model, "previous")
         expected = int(raw.get("revision", 0))
         new, actions = machine.start(model, str(candidate), str(production), self.cfg(model), _now(),
                                      previous=None if previous is None else str(previous), who=who, why=why)
         new.revision = expected + 1
         self.registry.set_alias(model, "candidate", candidate, who=who, why=why or "rollout started")
-        self._commit(model, expected, new, actions, pipeline_id)
+        self._commit(model, expected, new, actions, pipeline_id, new_rollout=True)
         return new
+
+    def started_by(self, model: str, candidate: int, pipeline_id: str) -> bool:
+        """Whether the model's rollout (active or finished) is the one ``pipeline_id`` started for ``candidate``."""
+        state, raw = self.load(model)
+        return state is not None and state.candidate == str(candidate) and raw.get("pipeline_id") == pipeline_id
 
     def tick(self, model: str, now: datetime | None = None) -> RolloutState | None:
         """Look at the live evidence for the model's current phase and take one step."""
@@ -253,50 +351,88 @@ class RolloutControl:
         return new
 
     def manual(self, model: str, op: str, who: str, why: str = "") -> RolloutState:
-        """promote | rollback | abort | pause | resume, recorded with who and why."""
-        state, raw = self.load(model)
-        if state is None:
-            raise machine.TransitionError(f"{model} has no rollout")
-        fn = {"promote": machine.promote, "rollback": machine.rollback, "abort": machine.abort,
-              "pause": machine.pause, "resume": machine.resume}[op]
-        new, actions = fn(state, who, why, _now())
-        self._commit(model, state.revision, new, actions)
-        return new
+        """promote | rollback | abort | pause | resume, recorded with who and why.
+
+        Takes the model's tick lock (waiting up to MANUAL_LOCK_WAIT_S for a running tick), and
+        applies the pending outbox of the transition before (its actions would be replaced).
+        """
+        with self._tick_lock(model, wait_s=MANUAL_LOCK_WAIT_S) as held:
+            if not held:
+                log.warning("rollout.manual_without_lock", model=model, op=op)
+            state, raw = self.load(model)
+            if state is None:
+                raise machine.TransitionError(f"{model} has no rollout")
+            fn = {"promote": machine.promote, "rollback": machine.rollback, "abort": machine.abort,
+                  "pause": machine.pause, "resume": machine.resume}[op]
+            new, actions = fn(state, who, why, _now())
+            if json.loads(raw.get("outbox") or "[]"):
+                self.replay_outbox(model)
+            self._commit(model, state.revision, new, actions)
+            return new
+
+    @contextmanager
+    def _tick_lock(self, model: str, wait_s: float = 0.0):
+        """Hold the model's tick lock (a random token, TICK_LOCK_MS); yields whether it is held.
+
+        Released only while it still holds our token (compare-and-delete): a lock that expired
+        and was taken by another worker is left to that worker.
+        """
+        key = self.keys.lock(model, "rollout-tick")
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        held = bool(self.redis.set(key, token, nx=True, px=TICK_LOCK_MS))
+        while not held and time.monotonic() < deadline:
+            time.sleep(LOCK_POLL_S)
+            held = bool(self.redis.set(key, token, nx=True, px=TICK_LOCK_MS))
+        try:
+            yield held
+        finally:
+            if held:
+                self._unlock(keys=[key], args=[token])
 
     def tick_all(self) -> dict[str, str]:
         """Tick every active rollout this worker can lock (several rollout workers may run)."""
         out = {}
         for raw in self.redis.smembers(self.keys.active_rollouts()):
             model = raw.decode()
-            lock = self.keys.lock(model, "rollout-tick")
-            if not self.redis.set(lock, "1", nx=True, px=TICK_LOCK_MS):
-                continue
-            try:
-                state = self.tick(model)
-                out[model] = state.status if state else "none"
-            except RolloutConflict:
-                out[model] = "conflict"
-            except Exception:  # noqa: BLE001 - one model's trouble must not stop the others
-                log.exception("rollout.tick_failed", model=model)
-                out[model] = "error"
-            finally:
-                self.redis.delete(lock)
+            with self._tick_lock(model) as held:
+                if not held:
+                    continue
+                try:
+                    state = self.tick(model)
+                    out[model] = state.status if state else "none"
+                except RolloutConflict:
+                    out[model] = "conflict"
+                except Exception:  # noqa: BLE001 - one model's trouble must not stop the others
+                    log.exception("rollout.tick_failed", model=model)
+                    out[model] = "error"
         return out
 
     # --- evidence ------------------------------------------------------------------------
     def phase_records(self, model: str, state: RolloutState) -> list[dict[str, Any]]:
-        """The router's request records since the phase started, with delayed labels joined."""
+        """The router's request records served after the phase started, with delayed labels joined.
+
+        Never a record of the phase before: the previous phase's traffic (shadow mirrors, a lower
+        split) is no evidence for this one.
+        """
         from workers.router.router import decode_feedback, decode_request
 
-        start_ms = int(state.phase_started_at.timestamp() * 1000)
+        started = state.phase_started_at.timestamp()
         rollout_ms = int(state.started_at.timestamp() * 1000)
         labels = {}
         for _, fields in self.redis.xrange(self.keys.feedback(model), min=f"{rollout_ms}-0"):
             fb = decode_feedback(fields)
             labels[fb["request_id"]] = fb["label"]
         records = []
-        for _, fields in self.redis.xrange(self.keys.requests(model), min=f"{start_ms}-0"):
+        # Stream ids are milliseconds: the phase's own millisecond also holds records written just
+        # before it started, so the window opens at the next millisecond (losing at most one
+        # millisecond of the new phase's evidence, against minutes of phase). The router writes its
+        # log in batches up to ~0.25 s late, so a record served in the previous phase may still land
+        # after that: each record's own serve time (``ts``) must be past the start too.
+        for _, fields in self.redis.xrange(self.keys.requests(model), min=f"{int(started * 1000) + 1}-0"):
             rec = decode_request(fields)
+            if rec["ts"] is not None and rec["ts"] < started:
+                continue
             primary = rec["shadow_of"] or rec["request_id"]
             records.append({**rec, "error": bool(rec["error"]), "label": labels.get(primary)})
         return records
