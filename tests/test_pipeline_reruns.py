@@ -146,3 +146,27 @@ class TestPipelineRecord:
         steps._Env().mark(context("p-3"), status="running:train")
         ttl = redis_client.ttl(keys.pipeline(MODEL, "p-3"))
         assert 7 * 86400 <= ttl <= 366 * 86400
+
+
+class TestTimeLimit:
+    def test_the_soft_time_limit_is_not_swallowed_while_scoring_the_reference(self):
+        """A task whose soft time limit strikes during reference scoring stops, instead of carrying on without one."""
+        import pandas as pd
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        from config.policy import policy_from_dict
+        from workers.pipeline.steps import reference_scores
+
+        class Slow:
+            def predict_proba(self, X):
+                raise SoftTimeLimitExceeded()
+
+        class Broken:
+            def predict_proba(self, X):
+                raise ValueError("cannot score")
+
+        policy = policy_from_dict({"model": {"name": "m", "task": "binary", "target": "y"}})
+        holdout = pd.DataFrame({"x": [1.0, 2.0], "y": [0, 1]})
+        with pytest.raises(SoftTimeLimitExceeded):
+            reference_scores(Slow(), holdout, policy)
+        assert reference_scores(Broken(), holdout, policy) == []  # an ordinary failure still means no reference

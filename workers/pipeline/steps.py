@@ -287,6 +287,8 @@ def reference_scores(model, holdout: pd.DataFrame, policy) -> list[float]:
     the prediction), sampled to at most REFERENCE_SCORES_KEPT values: the concept-drift reference."""
     import numpy as np
 
+    from celery.exceptions import SoftTimeLimitExceeded
+
     X = holdout.drop(columns=[policy.model.target, policy.data.time_column], errors="ignore")
     try:
         if policy.model.task == "regression" or not hasattr(model, "predict_proba"):
@@ -294,6 +296,8 @@ def reference_scores(model, holdout: pd.DataFrame, policy) -> list[float]:
         else:
             proba = np.asarray(model.predict_proba(X), dtype=float)
             scores = proba[:, 1] if proba.shape[1] == 2 else proba.max(axis=1)
+    except SoftTimeLimitExceeded:
+        raise  # the task's time is up: stop, do not carry on without a reference
     except Exception as exc:  # noqa: BLE001 - no reference, no concept-drift check; say so
         log.warning("pipeline.reference_scores_failed", error=str(exc))
         return []
