@@ -361,7 +361,8 @@ class TestBrokenState:
         assert records(svc)[0]["action"] == "start"
         errors = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.evaluation_errors()).items()}
         assert set(errors) == {"bad-json", "wrong-type"}
-        assert "JSONDecodeError" in errors["bad-json"] and "holds a string, expected a zset" in errors["wrong-type"]
+        assert "JSONDecodeError" in errors["bad-json"]
+        assert keys.trainings("wrong-type") in errors["wrong-type"] and "WRONGTYPE" in errors["wrong-type"]
         for model in ("bad-json", "wrong-type"):
             assert redis_client.zscore(keys.due(), model) == pytest.approx(now + 60, abs=1)
             assert redis_client.llen(keys.pending_events(model)) == 1  # the signal is kept for the retry

@@ -87,14 +87,17 @@ LOAD_STATES = """
 -- ARGV: token ('' = no lock, no due check), lock ttl ms, trainings since (score), drift entries
 --   to read, now, then the model names (in KEYS order)
 -- A model with a key of the wrong type reads as {'error', message}: the others still load.
+-- (Reads go through pcall, so the check costs nothing when the keys are sound.)
 local out = {}
 local token, ttl, since, ndrift, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) - 1, tonumber(ARGV[5])
-local kinds = {'hash', 'list', 'hash', 'zset', 'list', 'hash', 'hash'}
-local function wrong_type(k)
-  for i = 1, 7 do
-    local t = redis.call('TYPE', KEYS[k + i]).ok
-    if t ~= 'none' and t ~= kinds[i] then return KEYS[k + i] .. ' holds a ' .. t .. ', expected a ' .. kinds[i] end
+local err
+local function read(cmd, key, ...)
+  local r = redis.pcall(cmd, key, ...)
+  if type(r) == 'table' and r.err then
+    err = err or (key .. ': ' .. r.err)
+    return {}
   end
+  return r
 end
 for k = 2, #KEYS, 8 do
   local claimed = true
@@ -109,27 +112,27 @@ for k = 2, #KEYS, 8 do
       end
     end
   end
-  local bad = claimed and wrong_type(k)
   if not claimed then
     out[#out + 1] = false
-  elseif bad then
-    out[#out + 1] = {'error', bad}
   else
-    local prod = redis.call('HGET', KEYS[k + 6], 'production')
-    if prod then prod = redis.call('HGET', KEYS[k + 7], prod) end
-    local signals = redis.call('HGETALL', KEYS[k + 1])
+    err = nil
+    local prod = read('HGET', KEYS[k + 6], 'production')
+    if type(prod) == 'string' then prod = read('HGET', KEYS[k + 7], prod) else prod = false end
+    if type(prod) ~= 'string' then prod = false end
+    local signals = read('HGETALL', KEYS[k + 1])
     local drift = {}  -- the drift history only counts with a drift signal (model_signals)
     for i = 1, #signals, 2 do
-      if signals[i] == 'drift.data' then drift = redis.call('LRANGE', KEYS[k + 2], 0, ndrift) end
+      if signals[i] == 'drift.data' then drift = read('LRANGE', KEYS[k + 2], 0, ndrift) end
     end
-    out[#out + 1] = {
+    local state = {
       signals,
       drift,
-      redis.call('HGETALL', KEYS[k + 3]),
-      redis.call('ZRANGEBYSCORE', KEYS[k + 4], since, '+inf', 'WITHSCORES'),
-      redis.call('LRANGE', KEYS[k + 5], 0, -1),
+      read('HGETALL', KEYS[k + 3]),
+      read('ZRANGEBYSCORE', KEYS[k + 4], since, '+inf', 'WITHSCORES'),
+      read('LRANGE', KEYS[k + 5], 0, -1),
       prod,
     }
+    if err then out[#out + 1] = {'error', err} else out[#out + 1] = state end
   end
 end
 return out
