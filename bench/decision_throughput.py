@@ -225,8 +225,6 @@ def bench_latency(url: str, folder: Path, rate: int, seconds: float, workers: in
     from events.bus import EventBus
 
     client = redis.Redis.from_url(url)
-    for k in client.scan_iter("retrain:*"):
-        client.delete(k)
     keys = Keys()
     services = Services(url, folder, workers)
     bus = EventBus(client, keys)
@@ -257,6 +255,7 @@ def bench_latency(url: str, folder: Path, rate: int, seconds: float, workers: in
     noise.stop()
     _wait_drained(client, keys, total)
     services.close()
+    on_broker = sum(client.llen(k) for k in client.scan_iter("training.*") if client.type(k) == b"list")
     from workers.decision.state import DecisionStore
 
     store = DecisionStore(client, keys)
@@ -272,6 +271,7 @@ def bench_latency(url: str, folder: Path, rate: int, seconds: float, workers: in
                 latencies.append((float(enq) - min(hot)) * 1000)
     lat = np.array(latencies)
     return {"rate_target": rate, "rate_achieved": round(achieved), "decisions_measured": len(lat),
+            "pipelines_on_this_broker": on_broker,
             "hot_events": len(sent_at), "hot_events_without_own_decision": len(sent_at) - causes,
             "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
             "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
@@ -295,12 +295,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="decision service processes in the consumer group")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    with private_redis() as server, tempfile.TemporaryDirectory() as d:
+    # Each phase on its own fresh Redis: the throughput phase leaves ~1 GB of writes whose AOF
+    # rewrite and fsyncs would otherwise land in the middle of the latency phase.
+    with tempfile.TemporaryDirectory() as d:
         folder = Path(d)
         (folder / "p.toml").write_text(POLICY)
-        tp = bench_throughput(server.url, folder, args.events, args.workers)
-        lat = bench_latency(server.url, folder, args.rate, args.seconds, args.workers)
-        celery_rate = bench_celery_baseline(server.url, args.celery_events)
+        with private_redis() as server:
+            tp = bench_throughput(server.url, folder, args.events, args.workers)
+        with private_redis() as server:
+            lat = bench_latency(server.url, folder, args.rate, args.seconds, args.workers)
+        with private_redis() as server:
+            celery_rate = bench_celery_baseline(server.url, args.celery_events)
     result = {"benchmark": "decision_throughput", "models": MODELS, "workers": args.workers, **{f"throughput_{k}": v for k, v in tp.items()},
               **{f"latency_{k}" if not k.startswith("latency") else k: v for k, v in lat.items()},
               "celery_task_per_event_per_s": round(celery_rate),
