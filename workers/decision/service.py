@@ -298,12 +298,11 @@ class DecisionService:
         slots: list[tuple[dict[str, Any], int]] = []  # start records and their take-slot command's index
         finished: list[StoredState] = []
         made = 0
-        failing = self._failing(list(states))
         for model, state in states.items():
             try:
                 policy = self.policies.get(model)
             except Exception as exc:  # noqa: BLE001 - an unreadable policy file stops this model only
-                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=model in failing)
+                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=state.failing)
                 continue
             if policy is None:
                 record = self._record(model, state, now, action="suppress",
@@ -320,11 +319,11 @@ class DecisionService:
                 decision = evaluate(policy, state.model_signals(when), when)
                 guarded = apply_guards(decision, state.guard_state(), policy, when)
             except Exception as exc:  # noqa: BLE001 - one model's bad state or a bug must not stop the others
-                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=model in failing)
+                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=state.failing)
                 continue
             if stale:
                 pipe.hdel(self.keys.guard(model), "in_flight", "in_flight_since")
-            if model in failing:
+            if state.failing:
                 pipe.hdel(self.keys.evaluation_errors(), model)
             if guarded.action == "defer":
                 if guarded.follow_up:
@@ -382,11 +381,6 @@ class DecisionService:
         self.store.write_record(pipe, record)
         pipe.execute()
         return record
-
-    def _failing(self, models: list[str]) -> set[str]:
-        """Which of ``models`` failed their last evaluation (one HMGET; usually none)."""
-        errors = self.redis.hmget(self.keys.evaluation_errors(), models) if models else []
-        return {m for m, e in zip(models, errors) if e is not None}
 
     def _stale_slot(self, state: StoredState, now: float) -> bool:
         """Whether the model's single-flight slot is stale (then dropped from ``state``: the pipeline is lost).

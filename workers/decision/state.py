@@ -83,10 +83,13 @@ return (#KEYS - 1) / 3
 # first take each model's evaluation lock (SET NX PX) and read only the models whose lock it got
 # and that are still due (another worker may have evaluated one since the caller listed them).
 LOAD_STATES = """
--- KEYS: due, then per model (lock, signals, drift_history, guard, trainings, pending_events, aliases, versions)
+-- KEYS: due, evaluation errors, then per model (lock, signals, drift_history, guard, trainings, pending_events,
+--   aliases, versions)
 -- ARGV: token ('' = no lock, no due check), lock ttl ms, trainings since (score), drift entries
 --   to read, now, then the model names (in KEYS order)
--- A model with a key of the wrong type reads as {'error', message}: the others still load.
+-- Each model reads as {signals, drift, guard, trainings, pending, production, failing} where failing is 1
+-- when its last evaluation failed; a model with a key of the wrong type reads as {'error', message,
+-- failing}: the others still load.
 -- (Reads go through pcall, so the check costs nothing when the keys are sound.)
 local out = {}
 local token, ttl, since, ndrift, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) - 1, tonumber(ARGV[5])
@@ -99,13 +102,13 @@ local function read(cmd, key, ...)
   end
   return r
 end
-for k = 2, #KEYS, 8 do
+for k = 3, #KEYS, 8 do
   local claimed = true
   if token ~= '' then
     if not redis.call('SET', KEYS[k], token, 'NX', 'PX', ttl) then
       claimed = false
     else
-      local due = redis.call('ZSCORE', KEYS[1], ARGV[5 + (k + 6) / 8])
+      local due = redis.call('ZSCORE', KEYS[1], ARGV[5 + (k + 5) / 8])
       if (not due) or tonumber(due) > now then
         redis.call('DEL', KEYS[k])
         claimed = false
@@ -116,6 +119,7 @@ for k = 2, #KEYS, 8 do
     out[#out + 1] = false
   else
     err = nil
+    local failing = redis.call('HEXISTS', KEYS[2], ARGV[5 + (k + 5) / 8])
     local prod = read('HGET', KEYS[k + 6], 'production')
     if type(prod) == 'string' then prod = read('HGET', KEYS[k + 7], prod) else prod = false end
     if type(prod) ~= 'string' then prod = false end
@@ -131,8 +135,9 @@ for k = 2, #KEYS, 8 do
       read('ZRANGEBYSCORE', KEYS[k + 4], since, '+inf', 'WITHSCORES'),
       read('LRANGE', KEYS[k + 5], 0, -1),
       prod,
+      failing,
     }
-    if err then out[#out + 1] = {'error', err} else out[#out + 1] = state end
+    if err then out[#out + 1] = {'error', err, failing} else out[#out + 1] = state end
   end
 end
 return out
@@ -246,6 +251,8 @@ class StoredState:
     raw_signals: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
     """Why the state could not be read (a corrupted key, bad JSON); the model is not evaluated."""
+    failing: bool = False
+    """Its last evaluation failed (an alert was raised then; the next success clears it)."""
 
     def guard_state(self) -> GuardState:
         return GuardState(
@@ -348,7 +355,7 @@ class DecisionStore:
     def _load_states(self, models: list[str], token: str, ttl_ms: int, now: float) -> dict[str, StoredState]:
         if not models:
             return {}
-        script_keys: list[str] = [self.keys.due()]
+        script_keys: list[str] = [self.keys.due(), self.keys.evaluation_errors()]
         for m in models:
             mk = model_keys(self.keys, m)
             script_keys += (mk.lock, mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
@@ -360,10 +367,10 @@ class DecisionStore:
         for m, reply in zip(models, replies):
             if not reply:
                 continue
-            if len(reply) == 2:  # {'error', message}: a key of the wrong type
-                out[m] = StoredState(model=m, error=f"unreadable state: {_str(reply[1])}")
+            if len(reply) == 3:  # {'error', message, failing}: a key of the wrong type
+                out[m] = StoredState(model=m, error=f"unreadable state: {_str(reply[1])}", failing=bool(reply[2]))
                 continue
-            sig, drift, guard, trainings, pending, production = reply
+            sig, drift, guard, trainings, pending, production, failing = reply
             try:
                 raw_signals = {_str(t): v for t, v in zip(sig[::2], sig[1::2])}
                 out[m] = StoredState(
@@ -375,10 +382,12 @@ class DecisionStore:
                     pending_ids=[_str(p) for p in pending],
                     production=json.loads(production) if production else None,
                     raw_signals=raw_signals,
+                    failing=bool(failing),
                 )
             except (ValueError, TypeError, KeyError) as exc:  # bad JSON, a non-number where one belongs
                 out[m] = StoredState(model=m, error=f"unreadable state: {type(exc).__name__}: {exc}",
-                                     guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])})
+                                     guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
+                                     failing=bool(failing))
         return out
 
     def _signal(self, model: str, etype: str, raw: bytes) -> dict[str, Any]:
