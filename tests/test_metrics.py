@@ -39,23 +39,28 @@ def documented_names() -> set[str]:
 class TestEventCounters:
     def test_lifecycle_events_move_decision_gate_rollback_and_alert_counters(self):
         """Decided/suppressed events count per trigger, gate events per check, rollbacks by kind, alerts by severity."""
-        before = {
-            "start_drift": val("retrain_decisions_total", action="start", trigger="data_drift"),
-            "start_perf": val("retrain_decisions_total", action="start", trigger="performance_drop"),
-            "suppress_none": val("retrain_decisions_total", action="suppress", trigger="none"),
-            "regression_fail": val("retrain_gate_checks_total", check="no_regression", result="fail"),
-            "latency_pass": val("retrain_gate_checks_total", check="latency", result="pass"),
-            "gate_failed": val("retrain_gate_outcomes_total", result="failed"),
-            "gate_passed": val("retrain_gate_outcomes_total", result="passed"),
-            "fail_gate": val("retrain_pipeline_failures_total", step="gate"),
-            "fail_train": val("retrain_pipeline_failures_total", step="train"),
-            "auto": val("retrain_rollbacks_total", model=MODEL, kind="automatic"),
-            "manual": val("retrain_rollbacks_total", model=MODEL, kind="manual"),
-            "aborted": val("retrain_rollbacks_total", model=MODEL, kind="aborted"),
-            "advanced": val("retrain_rollout_transitions_total", model=MODEL, transition="advanced"),
-            "critical": val("retrain_alerts_total", severity="critical"),
-            "ingested_gate": val("retrain_events_ingested_total", type="gate.failed"),
+        samples = {  # name -> (metric, labels)
+            "start_drift": ("retrain_decisions_total", {"action": "start", "trigger": "data_drift"}),
+            "start_perf": ("retrain_decisions_total", {"action": "start", "trigger": "performance_drop"}),
+            "suppress_none": ("retrain_decisions_total", {"action": "suppress", "trigger": "none"}),
+            "regression_fail": ("retrain_gate_checks_total", {"check": "no_regression", "result": "fail"}),
+            "latency_pass": ("retrain_gate_checks_total", {"check": "latency", "result": "pass"}),
+            "gate_failed": ("retrain_gate_outcomes_total", {"result": "failed"}),
+            "gate_passed": ("retrain_gate_outcomes_total", {"result": "passed"}),
+            "fail_gate": ("retrain_pipeline_failures_total", {"step": "gate"}),
+            "fail_train": ("retrain_pipeline_failures_total", {"step": "train"}),
+            "auto": ("retrain_rollbacks_total", {"model": MODEL, "kind": "automatic"}),
+            "manual": ("retrain_rollbacks_total", {"model": MODEL, "kind": "manual"}),
+            "aborted": ("retrain_rollbacks_total", {"model": MODEL, "kind": "aborted"}),
+            "advanced": ("retrain_rollout_transitions_total", {"model": MODEL, "transition": "advanced"}),
+            "critical": ("retrain_alerts_total", {"severity": "critical"}),
+            "ingested_gate": ("retrain_events_ingested_total", {"type": "gate.failed"}),
         }
+
+        def read() -> dict[str, float]:
+            return {name: val(metric, **labels) for name, (metric, labels) in samples.items()}
+
+        before = read()
         events = [
             new_event("retrain.decided", MODEL, {"decision_id": "d-1", "urgency": "high",
                                                  "triggers": ["data_drift", "performance_drop"]}),
@@ -72,23 +77,7 @@ class TestEventCounters:
             new_event("alert.raised", MODEL, {"severity": "critical", "title": "rolled back"}),
         ]
         metrics.observe_events(events)
-        after = {
-            "start_drift": val("retrain_decisions_total", action="start", trigger="data_drift"),
-            "start_perf": val("retrain_decisions_total", action="start", trigger="performance_drop"),
-            "suppress_none": val("retrain_decisions_total", action="suppress", trigger="none"),
-            "regression_fail": val("retrain_gate_checks_total", check="no_regression", result="fail"),
-            "latency_pass": val("retrain_gate_checks_total", check="latency", result="pass"),
-            "gate_failed": val("retrain_gate_outcomes_total", result="failed"),
-            "gate_passed": val("retrain_gate_outcomes_total", result="passed"),
-            "fail_gate": val("retrain_pipeline_failures_total", step="gate"),
-            "fail_train": val("retrain_pipeline_failures_total", step="train"),
-            "auto": val("retrain_rollbacks_total", model=MODEL, kind="automatic"),
-            "manual": val("retrain_rollbacks_total", model=MODEL, kind="manual"),
-            "aborted": val("retrain_rollbacks_total", model=MODEL, kind="aborted"),
-            "advanced": val("retrain_rollout_transitions_total", model=MODEL, transition="advanced"),
-            "critical": val("retrain_alerts_total", severity="critical"),
-            "ingested_gate": val("retrain_events_ingested_total", type="gate.failed"),
-        }
+        after = read()
         assert {k: after[k] - before[k] for k in before} == {k: 1.0 for k in before}
         assert val("retrain_gate_checks_total", check="model_size", result="pass") == 0  # skipped checks don't count
 
