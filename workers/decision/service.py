@@ -483,7 +483,7 @@ class DecisionService:
                 continue
             model = record["model"]
             if not self.store.holds_slot(model, pipeline_id):  # released or cleared since: nothing to start
-                self.redis.hdel(self.keys.enqueue_outbox(), pipeline_id)
+                self.store.drop_from_outbox(pipeline_id)
                 continue
             lock = self.keys.lock(model, "enqueue")
             if not self.redis.set(lock, self.consumer_name, nx=True, px=60_000):

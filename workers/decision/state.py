@@ -459,6 +459,10 @@ class DecisionStore:
         pipe.hdel(k.enqueue_outbox(), record["pipeline_id"])
         pipe.execute()
 
+    def drop_from_outbox(self, pipeline_id: str) -> None:
+        """Forget an outbox entry whose pipeline no longer holds its slot (nothing left to start)."""
+        self.redis.hdel(self.keys.enqueue_outbox(), pipeline_id)
+
     def holds_slot(self, model: str, pipeline_id: str) -> bool:
         return _str(self.redis.hget(self.keys.guard(model), "in_flight") or b"") == pipeline_id
 
