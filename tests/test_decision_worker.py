@@ -94,6 +94,25 @@ class TestDecisions:
         step(svc)
         assert queued(redis_client, "training.high") == 1
 
+    def test_pipeline_message_names_its_pipeline_and_sends_no_task_sent_event(self, make_service, redis_client):
+        """The queued message shows model, pipeline and decision (not a repr of the context); one publish per enqueue."""
+        svc = make_service()
+        pubsub = redis_client.pubsub()
+        pubsub.psubscribe("*celeryev*")  # where kombu's Redis transport publishes Celery events
+        pubsub.get_message(timeout=1)
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        [rec] = records(svc)
+        [key] = [k for k in redis_client.keys("training.high*") if redis_client.type(k) == b"list"]
+        headers = json.loads(redis_client.lindex(key, 0))["headers"]
+        assert headers["id"] == f"{rec['pipeline_id']}.validate_data"
+        assert headers["argsrepr"] == (f"(model='churn', pipeline_id={rec['pipeline_id']!r}, "
+                                       f"decision_id={rec['id']!r})")
+        assert headers["kwargsrepr"] == "{}"
+        sent = [m for m in iter(lambda: pubsub.get_message(timeout=0.2), None) if m["type"] == "pmessage"]
+        assert not [m for m in sent if b"task-sent" in m["data"]]
+        pubsub.close()
+
     def test_below_threshold_writes_no_record_and_clears_pending(self, make_service, redis_client):
         """A signal that fires nothing leaves no decision record and no pending state."""
         svc = make_service()

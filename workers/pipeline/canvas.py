@@ -39,8 +39,12 @@ def build_pipeline(ctx: dict[str, Any]):
 
     pid, queue = ctx["pipeline_id"], ctx["queue"]
     priority = PRIORITY.get(ctx.get("urgency", "low"), 1)
+    # argsrepr: what Flower and the worker logs show for the first step; without it Celery
+    # builds a repr of the whole context on every enqueue.
+    shown = f"(model={ctx['model']!r}, pipeline_id={pid!r}, decision_id={ctx['decision_id']!r})"
     canvas = chain(
-        tasks.validate_data.si(ctx).set(queue=queue, task_id=f"{pid}.validate_data", priority=priority),
+        tasks.validate_data.si(ctx).set(queue=queue, task_id=f"{pid}.validate_data", priority=priority,
+                                        argsrepr=shown, kwargsrepr="{}"),
         tasks.train.s().set(queue=queue, task_id=f"{pid}.train", priority=priority),
         tasks.gate.s().set(queue=QUEUE_GATE, task_id=f"{pid}.gate", priority=priority),
         tasks.stage.s().set(queue=QUEUE_GATE, task_id=f"{pid}.stage", priority=priority),
