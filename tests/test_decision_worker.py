@@ -110,7 +110,7 @@ class TestDecisions:
                                        f"decision_id={rec['id']!r})")
         assert headers["kwargsrepr"] == "{}"
         sent = [m for m in iter(lambda: pubsub.get_message(timeout=0.2), None) if m["type"] == "pmessage"]
-        assert not [m for m in sent if b"task-sent" in m["data"]]
+        assert not [m for m in sent if m["channel"].endswith(b"task.sent")]
         pubsub.close()
 
     def test_below_threshold_writes_no_record_and_clears_pending(self, make_service, redis_client):
