@@ -60,7 +60,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 # --- the decision -------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """The policy's answer for one model at one time."""
 
@@ -177,7 +177,7 @@ def _blocked(result: TriggerResult, cause: Suppression) -> TriggerResult:
 
 
 # --- the guards ---------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GuardState:
     """What the guards need to know about one model (persisted by the decision worker).
 
@@ -211,7 +211,7 @@ class GuardState:
             object.__setattr__(self, "last_training", max(trainings))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GuardResult:
     """One guard's verdict: ``passed`` (go on) or not, why, and until when it holds."""
 
@@ -317,7 +317,7 @@ def queue_for(urgency: str) -> str:
     return QUEUE_HIGH if urgency_rank(urgency) >= urgency_rank("high") else QUEUE_LOW
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GuardedDecision:
     """What to do with a :class:`Decision` after the guards.
 

@@ -4,6 +4,11 @@ Every trigger has the same signature, ``(policy, signals, now) -> TriggerResult 
 listed in :data:`TRIGGERS` in the order decisions report them. ``None`` means "not applicable"
 (only ``manual`` uses it, when nobody asked).
 
+The result and signal classes are slotted dataclasses, treated as immutable but not declared
+``frozen``: a frozen dataclass sets each field through ``object.__setattr__``, which made its
+constructor four times slower, and the decision worker builds about ten of them per model per
+evaluation. Derive changed copies with :func:`dataclasses.replace`.
+
 Parity with the seed article's ``RetrainingDecisionEngine``: with persistence off (k = n = 1) and
 our optional fields absent, ``scheduled``, ``data_drift``, ``performance_drop`` and
 ``data_volume`` compute exactly what the seed computes -- the same comparisons (``>=`` for age
@@ -93,7 +98,7 @@ def _number(value: float) -> float | int:
 
 
 # --- results ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Suppression:
     """A trigger that would fire but is ignored, and why."""
 
@@ -104,7 +109,7 @@ class Suppression:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Alert:
     """Something an operator must look at (it does not start training)."""
 
@@ -114,7 +119,7 @@ class Alert:
     trigger: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TriggerResult:
     """One trigger's verdict: whether it fired, how urgently, why, on what value and threshold."""
 
@@ -145,7 +150,7 @@ class TriggerResult:
 
 
 # --- signals ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class UpstreamChanges:
     """Columns an upstream change added, removed or retyped."""
 
@@ -161,7 +166,7 @@ class UpstreamChanges:
         return bool(self.added or self.removed or self.retyped)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ModelSignals:
     """The state of one model as the monitors last reported it.
 
