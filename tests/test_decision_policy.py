@@ -284,6 +284,15 @@ class TestUpstreamChange:
                    trained_schema_fingerprint="ab", current_schema_fingerprint="ab")
         assert not d.trigger("upstream_change").triggered
 
+    def test_nothing_reported_answers_as_an_unchanged_report_does(self):
+        """No upstream signal at all gives the verdict of a report that matches training (the fast path's parity)."""
+        trained = {"trained_feature_version": "v3", "trained_schema_fingerprint": "ab"}
+        quiet = decide(**trained).trigger("upstream_change").to_dict()
+        reported = decide(**trained, current_feature_version="v3").trigger("upstream_change").to_dict()
+        reported["metadata"]["current_feature_version"] = None
+        assert quiet == reported
+        assert quiet["triggered"] is False and quiet["value"] == [] and quiet["metadata"]["breaking"] is False
+
     def test_version_change_fires_medium(self):
         """A new feature-store version fires with medium urgency."""
         result = decide(trained_feature_version="v3", current_feature_version="v4").trigger("upstream_change")

@@ -33,6 +33,7 @@ from workers.decision.triggers import (
     ModelSignals,
     Suppression,
     TriggerResult,
+    as_utc,
     max_urgency,
     urgency_rank,
 )
@@ -50,9 +51,6 @@ MANUAL_TRIGGERS = frozenset({"manual"})
 
 Action = Literal["start", "defer", "suppress", "none"]
 
-
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -142,23 +140,16 @@ def evaluate(policy: Policy, signals: ModelSignals, now: datetime | None = None)
     >>> d.retrain, d.urgency, [t.name for t in d.fired]
     (True, 'high', ['data_drift'])
     """
-    when = _utc(now or signals.now or datetime.now(timezone.utc))
-    results = [r for fn in TRIGGERS.values() if (r := fn(policy, signals, when)) is not None]
-    blocking = [
-        r.suppression for r in results
-        if r.suppression is not None and r.suppression.kind == BREAKING_UPSTREAM_CHANGE
-    ]
-    if blocking:
-        results = [
-            _blocked(r, blocking[0]) if r.triggered and r.name not in MANUAL_TRIGGERS else r
-            for r in results
-        ]
-    fired = [r for r in results if r.triggered]
+    when = as_utc(now or signals.now or datetime.now(timezone.utc))
+    results = [r for fn in _TRIGGER_FNS if (r := fn(policy, signals, when)) is not None]
+    if any(r.suppression is not None and r.suppression.kind == BREAKING_UPSTREAM_CHANGE for r in results):
+        results = [_blocked(r) if r.triggered and r.name not in MANUAL_TRIGGERS else r for r in results]
+    fired = [r.urgency for r in results if r.triggered]
     return Decision(
         model=policy.model.name,
         now=when,
         retrain=bool(fired),
-        urgency=max_urgency(r.urgency for r in fired),
+        urgency=max_urgency(fired),
         triggers=tuple(results),
         suppressed=tuple(r.suppression for r in results if r.suppression is not None),
         alerts=tuple(r.alert for r in results if r.alert is not None),
@@ -166,7 +157,10 @@ def evaluate(policy: Policy, signals: ModelSignals, now: datetime | None = None)
     )
 
 
-def _blocked(result: TriggerResult, cause: Suppression) -> TriggerResult:
+_TRIGGER_FNS = tuple(TRIGGERS.values())
+
+
+def _blocked(result: TriggerResult) -> TriggerResult:
     reason = f"{result.reason} -- not started: blocked by a breaking upstream change"
     return replace(
         result,
@@ -201,12 +195,12 @@ class GuardState:
     last_pending: datetime | None = None
 
     def __post_init__(self) -> None:
-        trainings = tuple(_utc(t) for t in self.recent_trainings)
+        trainings = tuple(as_utc(t) for t in self.recent_trainings)
         object.__setattr__(self, "recent_trainings", trainings)
         for name in ("last_training", "first_pending", "last_pending"):
             value = getattr(self, name)
             if value is not None:
-                object.__setattr__(self, name, _utc(value))
+                object.__setattr__(self, name, as_utc(value))
         if self.last_training is None and trainings:
             object.__setattr__(self, "last_training", max(trainings))
 
@@ -231,7 +225,7 @@ def debounce(state: GuardState, policy: Policy, now: datetime, urgency: str = "n
     ``debounce_max_wait`` old, whichever comes first (boundaries inclusive); until then, wait
     until the earlier of the two times. A critical decision (manual) does not wait.
     """
-    now = _utc(now)
+    now = as_utc(now)
     rules = policy.triggers
     if state.first_pending is None and state.last_pending is None:
         return GuardResult("debounce", True, "no pending signals to wait for")
@@ -276,7 +270,7 @@ def budget(state: GuardState, policy: Policy, now: datetime) -> GuardResult:
 
     A training exactly 24 hours old no longer counts. ``until`` is when a slot frees up.
     """
-    now = _utc(now)
+    now = as_utc(now)
     limit = policy.triggers.max_trainings_per_day
     window = sorted(t for t in state.recent_trainings if now - t < BUDGET_WINDOW)
     if len(window) < limit:
@@ -291,7 +285,7 @@ def budget(state: GuardState, policy: Policy, now: datetime) -> GuardResult:
 
 def cooldown(state: GuardState, policy: Policy, now: datetime, urgency: str) -> GuardResult:
     """No new low/medium-urgency training within ``cooldown`` of the last one; high/critical pass."""
-    now = _utc(now)
+    now = as_utc(now)
     period = policy.triggers.cooldown
     if state.last_training is None:
         return GuardResult("cooldown", True, "no previous training")
@@ -354,7 +348,7 @@ def apply_guards(decision: Decision, state: GuardState, policy: Policy, now: dat
     The debounce holds every evaluation, so a burst of signals yields one decision record;
     the other guards only concern decisions that would retrain.
     """
-    now = _utc(now)
+    now = as_utc(now)
     checks: list[GuardResult] = []
 
     def held(result: GuardResult, action: Action, follow_up: bool = False) -> GuardedDecision:

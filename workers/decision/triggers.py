@@ -84,10 +84,14 @@ def max_urgency(urgencies: Any) -> str:
     return max(urgencies, key=urgency_rank, default="none")
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def as_utc(value: datetime | None) -> datetime | None:
+    """``value`` in UTC (a naive one is read as UTC); ``None`` stays ``None``."""
     if value is None:
         return None
-    if value.tzinfo is None:
+    tz = value.tzinfo
+    if tz is timezone.utc:
+        return value
+    if tz is None:
         return value.replace(tzinfo=timezone.utc)
     return value.astimezone(timezone.utc)
 
@@ -228,7 +232,7 @@ class ModelSignals:
 
     def __post_init__(self) -> None:
         for name in ("last_training_date", "drift_onset", "now"):
-            object.__setattr__(self, name, _utc(getattr(self, name)))
+            object.__setattr__(self, name, as_utc(getattr(self, name)))
         object.__setattr__(self, "drifted_features", tuple(self.drifted_features))
         if self.drift_history is not None:
             history = tuple(float(s) for s in self.drift_history)
@@ -584,6 +588,9 @@ def _breaking_columns(policy: Policy, changes: UpstreamChanges) -> list[str]:
     ]
 
 
+UPSTREAM_UNCHANGED = "feature version and schema match the production model's training"
+
+
 def upstream_change(policy: Policy, signals: ModelSignals, now: datetime) -> TriggerResult:
     """Feature-store version or schema fingerprint differs from training -- medium.
 
@@ -592,6 +599,16 @@ def upstream_change(policy: Policy, signals: ModelSignals, now: datetime) -> Tri
     """
     if not policy.triggers.upstream_change:
         return TriggerResult("upstream_change", False, "medium", "disabled by policy ([triggers] upstream_change)")
+    if (signals.current_feature_version is None and signals.current_schema_fingerprint is None
+            and not signals.upstream_changes and not signals.upstream_breaking):
+        # Nothing reported upstream (the common case): the answer of the general path below, built directly.
+        return TriggerResult(
+            name="upstream_change", triggered=False, urgency="medium", reason=UPSTREAM_UNCHANGED, value=[],
+            metadata={"trained_feature_version": signals.trained_feature_version, "current_feature_version": None,
+                      "trained_schema_fingerprint": signals.trained_schema_fingerprint,
+                      "current_schema_fingerprint": None, "added": [], "removed": [], "retyped": [],
+                      "breaking": False},
+        )
     changed: list[str] = []
     pairs = (
         ("feature_version", signals.trained_feature_version, signals.current_feature_version),
@@ -627,7 +644,7 @@ def upstream_change(policy: Policy, signals: ModelSignals, now: datetime) -> Tri
     summary = "; ".join(details) or "upstream change reported"
     suppression = alert = None
     if not changed:
-        reason = "feature version and schema match the production model's training"
+        reason = UPSTREAM_UNCHANGED
     elif breaking:
         reason = (
             f"breaking upstream change ({'; '.join(breaking)}): training would not match the "
