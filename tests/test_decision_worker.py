@@ -462,6 +462,24 @@ class TestBatchRecording:
         assert batched["window"] == single["window"] == [b"first_pending", b"last_pending"]
         assert touched == {"batched"} and urgent == set()
 
+    def test_a_large_batch_registers_and_schedules_every_model_and_trims_the_drift_history(self, redis_client, keys):
+        """Over 1,000 models in one batch all land in the models and due sets; a manual request moves its model's due time; the drift history keeps the newest scores."""
+        from workers.decision.service import DRIFT_HISTORY_LEN, record_events
+
+        redis_client.zadd(keys.due(), {"m-0": 9e9, "m-1": 9e9})  # already due later (a debounce)
+        events = [drift(f"m-{i}", 0.01) for i in range(1200)]
+        events += [drift("deep", i / 1000) for i in range(DRIFT_HISTORY_LEN + 10)]
+        events.append(new_event("retrain.requested", "m-1", {"reason": "test", "requested_by": "me"}))
+        pipe = redis_client.pipeline(transaction=True)
+        touched, urgent = record_events(keys, events, pipe, schedule=True)
+        pipe.execute()
+        assert redis_client.scard(keys.models()) == 1201 and redis_client.zcard(keys.due()) == 1201
+        assert redis_client.zscore(keys.due(), "m-0") == 9e9  # NX: a later due time stays
+        assert redis_client.zscore(keys.due(), "m-1") < 9e9  # a manual request is due now
+        assert urgent == {"m-1"} and len(touched) == 1201
+        kept = [float(x) for x in redis_client.lrange(keys.drift_history("deep"), 0, -1)]
+        assert kept == [i / 1000 for i in reversed(range(10, DRIFT_HISTORY_LEN + 10))]
+
 
     def test_a_corrupted_key_fails_its_batch_with_nothing_applied_and_nothing_lost(self, make_service, redis_client, keys):
         """A model whose state key holds the wrong type: the batch applies nothing, its other models are then recorded once each, and the bad model's event is dead-lettered, not acked away."""

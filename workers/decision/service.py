@@ -93,12 +93,14 @@ local now, maxlen, driftlen = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local function each(cmd, key, first, last)
   for i = first, last, 1000 do redis.call(cmd, key, unpack(ARGV, i, math.min(i + 999, last))) end
 end
+-- The models set and the due set take one variadic command per batch (after the loop), not one per model.
+local models, due_nx, due_now = {}, {}, {}
 local a = 4
 for k = 3, #KEYS, 5 do
   local model, schedule = ARGV[a], ARGV[a + 1]
-  redis.call('SADD', KEYS[2], model)
-  if schedule == '1' then redis.call('ZADD', KEYS[1], 'NX', now, model)
-  elseif schedule == '2' then redis.call('ZADD', KEYS[1], now, model) end
+  models[#models + 1] = model
+  if schedule == '1' then due_nx[#due_nx + 1] = now; due_nx[#due_nx + 1] = model
+  elseif schedule == '2' then due_now[#due_now + 1] = now; due_now[#due_now + 1] = model end
   local n = tonumber(ARGV[a + 2])
   local first = a + 3
   for i = first, first + n - 1 do
@@ -122,8 +124,9 @@ for k = 3, #KEYS, 5 do
   a = a + 2 * n + 1
   n = tonumber(ARGV[a])
   if n > 0 then
-    each('LPUSH', KEYS[k + 2], a + 1, a + n)
-    if redis.call('LLEN', KEYS[k + 2]) > driftlen then redis.call('LTRIM', KEYS[k + 2], 0, driftlen - 1) end
+    local len = 0
+    for i = a + 1, a + n, 1000 do len = redis.call('LPUSH', KEYS[k + 2], unpack(ARGV, i, math.min(i + 999, a + n))) end
+    if len > driftlen then redis.call('LTRIM', KEYS[k + 2], 0, driftlen - 1) end
   end
   a = a + n + 1
   n = tonumber(ARGV[a])
@@ -134,6 +137,9 @@ for k = 3, #KEYS, 5 do
   end
   a = a + n + 1
 end
+for i = 1, #models, 1000 do redis.call('SADD', KEYS[2], unpack(models, i, math.min(i + 999, #models))) end
+for i = 1, #due_nx, 1000 do redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx, i, math.min(i + 999, #due_nx))) end
+for i = 1, #due_now, 1000 do redis.call('ZADD', KEYS[1], unpack(due_now, i, math.min(i + 999, #due_now))) end
 return (#KEYS - 2) / 5
 """
 
