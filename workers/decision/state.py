@@ -94,6 +94,7 @@ LOAD_STATES = """
 local out = {}
 local token, ttl, since, ndrift, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) - 1, tonumber(ARGV[5])
 local err
+local any_failing = redis.call('HLEN', KEYS[2]) > 0  -- usually none: then no per-model lookup
 local function read(cmd, key, ...)
   local r = redis.pcall(cmd, key, ...)
   if type(r) == 'table' and r.err then
@@ -119,7 +120,7 @@ for k = 3, #KEYS, 8 do
     out[#out + 1] = false
   else
     err = nil
-    local failing = redis.call('HEXISTS', KEYS[2], ARGV[5 + (k + 5) / 8])
+    local failing = any_failing and redis.call('HEXISTS', KEYS[2], ARGV[5 + (k + 5) / 8]) or 0
     local prod = read('HGET', KEYS[k + 6], 'production')
     if type(prod) == 'string' then prod = read('HGET', KEYS[k + 7], prod) else prod = false end
     if type(prod) ~= 'string' then prod = false end
@@ -187,7 +188,7 @@ def _str(value: Any) -> str:
 
 
 def _ts(value: Any) -> datetime | None:
-    if value in (None, b"", ""):
+    if not value:  # absent or empty
         return None
     return datetime.fromtimestamp(float(value), timezone.utc)
 
@@ -255,12 +256,13 @@ class StoredState:
     """Its last evaluation failed (an alert was raised then; the next success clears it)."""
 
     def guard_state(self) -> GuardState:
+        g = self.guard
         return GuardState(
-            last_training=_ts(self.guard.get("last_training")),
-            recent_trainings=tuple(datetime.fromtimestamp(t, timezone.utc) for _, t in self.trainings),
-            in_flight=self.guard.get("in_flight") or None,
-            first_pending=_ts(self.guard.get("first_pending")),
-            last_pending=_ts(self.guard.get("last_pending")),
+            last_training=_ts(g.get("last_training")),
+            recent_trainings=tuple([datetime.fromtimestamp(t, timezone.utc) for _, t in self.trainings]),
+            in_flight=g.get("in_flight") or None,
+            first_pending=_ts(g.get("first_pending")),
+            last_pending=_ts(g.get("last_pending")),
         )
 
     def model_signals(self, now: datetime) -> ModelSignals:
