@@ -113,6 +113,26 @@ class TestDecisions:
         assert not [m for m in sent if m["channel"].endswith(b"task.sent")]
         pubsub.close()
 
+    def test_drift_persistence_reads_the_last_n_scores_from_redis(self, make_service, redis_client, tmp_path):
+        """k=2 of n=3: a drift over threshold fires only when another of the last three was over it too."""
+        svc = make_service()
+        policy = tmp_path / "policies" / "churn.toml"
+        policy.write_text(policy.read_text().replace("drift_threshold = 0.15",
+                                                     "drift_threshold = 0.15\ndrift_persistence_k = 2\n"
+                                                     "drift_persistence_n = 3"))
+        svc.policies._scan(force=True)
+        for score in (0.2, 0.05, 0.05, 0.2):  # the earlier 0.2 is 4th from last: outside the window
+            svc.bus.publish(drift(score=score))
+            step(svc, 2)
+        assert [r["action"] for r in records(svc)] == ["suppress", "suppress"]
+        assert "held in only 1 of the last 3" in records(svc)[0]["reason"]
+        svc.bus.publish(drift(score=0.05))
+        step(svc, 2)
+        svc.bus.publish(drift(score=0.2))  # last three: 0.2, 0.05, 0.2
+        step(svc, 2)
+        newest = records(svc)[0]
+        assert newest["action"] == "start" and "in 2 of the last 3 observations" in newest["reason"]
+
     def test_below_threshold_writes_no_record_and_clears_pending(self, make_service, redis_client):
         """A signal that fires nothing leaves no decision record and no pending state."""
         svc = make_service()

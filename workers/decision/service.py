@@ -283,7 +283,7 @@ class DecisionService:
     def _evaluate_models(self, due: list[str], now: float) -> int:
         token = f"{self.consumer_name}:{uuid.uuid4().hex[:8]}"
         try:
-            states = self.store.claim_and_load(due, token, LOCK_TTL_MS, now)
+            states = self.store.claim_and_load(due, token, LOCK_TTL_MS, now, self._drift_entries(due))
         except BaseException:
             self.store.release_locks(due, token)  # whichever of them the call took
             raise
@@ -294,6 +294,18 @@ class DecisionService:
         except BaseException:
             self.store.release_locks(list(states), token)  # harmless if the transaction already did
             raise
+
+    def _drift_entries(self, models: list[str]) -> int:
+        """How many drift scores a round must read: the largest persistence window among the models' policies."""
+        n = 1
+        for model in models:
+            try:
+                policy = self.policies.get(model)
+            except Exception:  # noqa: BLE001 - the evaluation reports the unreadable policy
+                continue
+            if policy is not None and policy.triggers.drift_persistence_n > n:
+                n = policy.triggers.drift_persistence_n
+        return min(n, DRIFT_HISTORY_LEN)
 
     # --- one round of evaluations --------------------------------------------------------
     def _evaluate(self, states: dict[str, StoredState], now: float, token: str | None = None) -> int:

@@ -330,19 +330,24 @@ class DecisionStore:
         self._parsed: dict[tuple[str, str], tuple[bytes, dict[str, Any]]] = {}
         """(model, signal type) -> (stored payload, parsed): see :meth:`_signal`."""
 
-    def load(self, models: list[str], now: float | None = None) -> dict[str, StoredState]:
-        """Read the state of many models (one script call, plus nothing else)."""
-        return self._load_states(models, "", 0, now or time.time())
+    def load(self, models: list[str], now: float | None = None,
+             drift_entries: int = DRIFT_HISTORY_READ) -> dict[str, StoredState]:
+        """Read the state of many models (one script call, plus nothing else).
 
-    def claim_and_load(self, models: list[str], token: str, ttl_ms: int,
-                       now: float | None = None) -> dict[str, StoredState]:
+        ``drift_entries``: how many of the newest drift scores to read (persistence looks at the
+        last ``n`` only).
+        """
+        return self._load_states(models, "", 0, now or time.time(), drift_entries)
+
+    def claim_and_load(self, models: list[str], token: str, ttl_ms: int, now: float | None = None,
+                       drift_entries: int = DRIFT_HISTORY_READ) -> dict[str, StoredState]:
         """Take each model's evaluation lock (``token``, ``ttl_ms``) and read the state of those locked.
 
         One round trip. Models whose lock another worker holds, or that are no longer due at
         ``now`` (another worker evaluated them meanwhile), are left out of the result; release
-        the others with :meth:`release_locks`.
+        the others with :meth:`release_locks`. ``drift_entries`` as in :meth:`load`.
         """
-        return self._load_states(models, token, ttl_ms, now or time.time())
+        return self._load_states(models, token, ttl_ms, now or time.time(), drift_entries)
 
     def release_locks(self, models: list[str], token: str, pipe=None) -> int | None:
         """Release the evaluation locks of ``models`` that ``token`` still holds (or queue that into ``pipe``)."""
@@ -354,7 +359,8 @@ class DecisionStore:
             return None
         return int(self.redis.eval(UNLOCK_MANY, len(locks), *locks, token))
 
-    def _load_states(self, models: list[str], token: str, ttl_ms: int, now: float) -> dict[str, StoredState]:
+    def _load_states(self, models: list[str], token: str, ttl_ms: int, now: float,
+                     drift_entries: int) -> dict[str, StoredState]:
         if not models:
             return {}
         script_keys: list[str] = [self.keys.due(), self.keys.evaluation_errors()]
@@ -363,7 +369,7 @@ class DecisionStore:
             script_keys += (mk.lock, mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
                             mk.aliases, mk.versions)
         replies = self._load(keys=script_keys, args=[token, ttl_ms, repr(now - TRAININGS_LOOKBACK_S),
-                                                     DRIFT_HISTORY_READ, repr(now), *models])
+                                                     max(1, drift_entries), repr(now), *models])
         out: dict[str, StoredState] = {}
         signal = self._signal
         for m, reply in zip(models, replies):
