@@ -126,6 +126,10 @@ class Keys:
         """Hash: pipeline id -> decision record whose pipeline is decided but not yet enqueued on Celery."""
         return f"{self.prefix}:decision:enqueue_outbox"
 
+    def enqueue_queue(self) -> str:
+        """List: pipeline ids of outbox entries for the enqueue relay to put on Celery, oldest first."""
+        return f"{self.prefix}:decision:enqueue_queue"
+
     def evaluation_errors(self) -> str:
         """Hash: model -> why its last decision evaluation failed (cleared when one succeeds)."""
         return f"{self.prefix}:decision:evaluation_errors"

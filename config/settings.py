@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     housekeeping_interval: Duration = timedelta(minutes=10)
     decision_retention: Duration = timedelta(days=90)
     """Decision records older than this are deleted by the periodic housekeeping."""
+    decision_enqueue_relay: bool = True
+    """A decision worker puts its pipelines on Celery from a separate relay process (see
+    ``workers/decision/relay.py``), so a Celery publish never holds up the event stream."""
 
     # Security and integrations.
     ingest_token: SecretStr | None = None

@@ -250,7 +250,8 @@ class TestWarmUp:
         """A fresh service's warm-up declares the training queues on the broker and moves its heap out of the collector's reach."""
         for key in redis_client.keys("_kombu.binding*"):
             redis_client.delete(key)
-        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
+        # The loop's own warm-up (no relay process: then the loop enqueues and loads Celery itself).
+        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url, "RETRAIN_DECISION_ENQUEUE_RELAY": "false"}
         out = subprocess.run([sys.executable, "-c", self.WARM_UP], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
@@ -262,7 +263,8 @@ class TestWarmUp:
 class TestEnqueueOutbox:
     def test_a_broker_error_keeps_the_decision_and_a_later_round_enqueues_it(self, make_service, redis_client, keys):
         """Enqueue fails: the slot and an outbox entry stay (no lost retrain, no second decision); the replay enqueues the real chain once."""
-        from workers.decision.service import OUTBOX_GRACE_S, _enqueue_pipeline
+        from workers.decision.relay import celery_enqueue
+        from workers.decision.service import OUTBOX_GRACE_S
 
         svc = make_service()
         broker = {"up": False}
@@ -270,7 +272,7 @@ class TestEnqueueOutbox:
         def enqueue(record):
             if not broker["up"]:
                 raise ConnectionError("broker unreachable")
-            _enqueue_pipeline(record)
+            celery_enqueue(record)
 
         svc.enqueue = enqueue
         svc.bus.publish(drift(score=0.2))

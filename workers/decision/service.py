@@ -35,6 +35,7 @@ from events.envelope import CloudEvent, new_event
 from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
 from workers.decision.policy import apply_guards, evaluate
+from workers.decision.relay import RelayProcess, celery_enqueue, enqueue_recorded, warm_up_celery
 from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys
 from workers.metrics import observe_events
 from workers.policies import PolicyStore
@@ -212,8 +213,10 @@ def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool 
 
 
 class DecisionService:
+    """The decision loop; with ``relay``, its pipelines go to Celery through an :class:`EnqueueRelay` process."""
+
     def __init__(self, client: redis.Redis, settings: Settings, consumer_name: str,
-                 policies: PolicyStore | None = None, enqueue=None):
+                 policies: PolicyStore | None = None, enqueue=None, relay: bool = False):
         self.redis = client
         self.settings = settings
         self.keys = keys_from_settings(settings)
@@ -221,8 +224,9 @@ class DecisionService:
         self.bus = EventBus.from_settings(client, settings)
         self.policies = policies or PolicyStore.from_settings(settings)
         self.consumer_name = consumer_name
-        self.enqueue = enqueue or _enqueue_pipeline
-        self._warm_up = _warm_up_enqueue if enqueue is None else None  # a custom enqueue has nothing to load
+        self.enqueue = enqueue or celery_enqueue
+        self._warm_up = warm_up_celery if enqueue is None else None  # a custom enqueue has nothing to load
+        self.relay = RelayProcess(settings, f"{consumer_name}:relay") if relay else None
         self.consumer = StreamConsumer.from_settings(client, settings, "decision", consumer_name, self._handle,
                                                      on_committed=observe_events)
         self.decisions_made = 0
@@ -234,7 +238,7 @@ class DecisionService:
         from workers.connections import get_redis
 
         s = settings or get_settings()
-        return cls(get_redis(s), s, consumer_name)
+        return cls(get_redis(s), s, consumer_name, relay=s.decision_enqueue_relay)
 
     # --- the loop -----------------------------------------------------------------------
     def _handle(self, events: list[CloudEvent], pipe) -> None:
@@ -245,16 +249,25 @@ class DecisionService:
         """Consume the stream and evaluate the due models after each batch, until :meth:`stop`."""
         if not self._warmed:
             self.warm_up()
-        self.consumer.run(idle_callback=self.after_batch)
+        try:
+            self.consumer.run(idle_callback=self.after_batch)
+        finally:
+            if self.relay is not None:
+                self.relay.stop()
 
     def warm_up(self) -> None:
         """Get ready before the first event: what the first enqueue would load, then freeze the heap.
 
-        ``gc.freeze()`` moves every object alive now (Celery, the tasks, scikit-learn and pandas
-        imported by them) out of the collector's reach: a full collection then walks only what
-        the service allocated since, instead of stalling a round for ~30 ms.
+        With a relay, start its process and wait until it has loaded Celery (the loop itself then
+        enqueues only on an outbox replay, and loads Celery then). ``gc.freeze()`` moves every
+        object alive now (Celery, the tasks, scikit-learn and pandas imported by them) out of
+        the collector's reach: a full collection then walks only what the service allocated
+        since, instead of stalling a round for ~30 ms.
         """
-        if self._warm_up is not None:
+        if self.relay is not None:
+            if not self.relay.alive() and not self.relay.start(wait=True):
+                log.warning("decision.relay_not_ready", relay=self.relay.name)
+        elif self._warm_up is not None:
             try:
                 self._warm_up()
             except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
@@ -271,6 +284,8 @@ class DecisionService:
         now = time.time()
         self.evaluate_due(now)
         self.replay_outbox(now)
+        if self.relay is not None:
+            self.relay.ensure_running()
 
     def evaluate_due(self, now: float | None = None) -> int:
         """Evaluate (up to ``MAX_DUE_PER_ROUND``) due models; return the number of decisions made."""
@@ -363,7 +378,7 @@ class DecisionService:
                                   guarded=guarded.to_dict(), pipeline_id=pipeline_id, policy=policy)
             self.store.write_record(pipe, record)
             if guarded.action == "start":
-                slots.append((record, self.store.take_slot(pipe, record, now)))
+                slots.append((record, self.store.take_slot(pipe, record, now, relay=self.relay is not None)))
             else:
                 events.append(self._event("retrain.suppressed", record))
         # The bookkeeping of every evaluated model in one call; its keys are disjoint from the
@@ -385,8 +400,9 @@ class DecisionService:
         for ev in alerts:
             log.warning("alert.raised", model=ev.subject, title=ev.data["title"])
             notify_webhook(ev, webhook)
-        for record in to_start:
-            self._start(record)
+        if self.relay is None:  # else the relay process enqueues them (queued by TAKE_SLOT)
+            for record in to_start:
+                self._start(record)
         self.decisions_made += made
         return made
 
@@ -470,17 +486,7 @@ class DecisionService:
 
     def _start(self, record: dict[str, Any]) -> bool:
         """Enqueue the record's pipeline; on failure it stays in the outbox (slot kept) for :meth:`replay_outbox`."""
-        try:
-            self.enqueue(record)
-        except Exception as exc:  # noqa: BLE001 - broker trouble: the outbox keeps the decision
-            log.error("decision.enqueue_failed", model=record["model"], decision_id=record["id"],
-                      pipeline_id=record["pipeline_id"], error=f"{type(exc).__name__}: {exc}",
-                      retry_after_s=OUTBOX_GRACE_S)
-            return False
-        self.store.enqueued(record, time.time())
-        log.info("decision.pipeline_enqueued", model=record["model"], decision_id=record["id"],
-                 pipeline_id=record["pipeline_id"], queue=record["queue"], urgency=record["urgency"])
-        return True
+        return enqueue_recorded(self.store, self.enqueue, record, by=self.consumer_name)
 
     def replay_outbox(self, now: float | None = None) -> int:
         """Enqueue the decided pipelines that never reached Celery (broker error, or a worker died in between).
@@ -500,27 +506,14 @@ class DecisionService:
             if now - float(record["timestamp"]) < OUTBOX_GRACE_S:
                 continue
             model = record["model"]
-            if not self.store.holds_slot(model, pipeline_id):  # released or cleared since: nothing to start
-                self.store.drop_from_outbox(pipeline_id)
-                continue
-            lock = self.keys.lock(model, "enqueue")
-            if not self.redis.set(lock, self.consumer_name, nx=True, px=60_000):
+            # None: enqueued meanwhile, released or cleared since (the entry is dropped), or another
+            # worker or the relay is enqueuing it right now.
+            claimed = self.store.claim_enqueue(model, pipeline_id, self.consumer_name)
+            if claimed is None:
                 continue
             try:
-                self.bus.publish(self._event("retrain.decided", record))  # same id: a no-op if it went out
-                started += self._start(record)
+                self.bus.publish(self._event("retrain.decided", claimed))  # same id: a no-op if it went out
+                started += self._start(claimed)
             finally:
-                self.redis.delete(lock)
+                self.store.release_enqueue(model, self.consumer_name)
         return started
-
-
-def _warm_up_enqueue() -> None:
-    from workers.pipeline.canvas import warm_up
-
-    warm_up()
-
-
-def _enqueue_pipeline(record: dict[str, Any]) -> None:
-    from workers.pipeline.canvas import start_pipeline
-
-    start_pipeline(record)

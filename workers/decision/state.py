@@ -154,7 +154,8 @@ return n
 """
 
 TAKE_SLOT = """
--- KEYS: guard, trainings, enqueue outbox ; ARGV: pipeline_id, now, trainings kept since, decision record
+-- KEYS: guard, trainings, enqueue outbox, enqueue queue ; ARGV: pipeline_id, now, trainings kept since,
+--   decision record, the enqueue relay's queue entry ('' = no relay)
 -- Takes the single-flight slot unless another pipeline holds it (a worker whose evaluation lock
 -- expired mid-round): then nothing is written and the caller does not start its pipeline.
 local held = redis.call('HGET', KEYS[1], 'in_flight')
@@ -163,7 +164,23 @@ redis.call('HSET', KEYS[1], 'in_flight', ARGV[1], 'in_flight_since', ARGV[2], 'l
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[4], ARGV[5]) end
 return 1
+"""
+
+CLAIM_ENQUEUE = """
+-- KEYS: enqueue outbox, enqueue lock, guard ; ARGV: pipeline_id, lock owner, lock ttl ms
+-- The outbox entry of a pipeline that still holds its model's slot, with the model's enqueue lock
+-- taken; false when there is nothing to enqueue (already enqueued, or the slot moved on: then the
+-- entry is dropped) or another enqueuer holds the lock (it is enqueuing this entry).
+local record = redis.call('HGET', KEYS[1], ARGV[1])
+if not record then return false end
+if redis.call('HGET', KEYS[3], 'in_flight') ~= ARGV[1] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return false
+end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return false end
+return record
 """
 
 RELEASE_PIPELINE = """
@@ -177,6 +194,11 @@ if redis.call('HGET', KEYS[1], 'follow_up') then
 end
 return 1
 """
+
+
+def relay_queue_entry(model: str, pipeline_id: str) -> str:
+    """The enqueue relay's queue entry for a pipeline (pushed by ``TAKE_SLOT``, read by the relay)."""
+    return json.dumps([model, pipeline_id])
 
 
 MAX_PARSED_SIGNALS = 200_000
@@ -440,36 +462,50 @@ class DecisionStore:
                 args += (field_name, value)
         pipe.eval(FINISH_MANY, len(script_keys), *script_keys, *args)
 
-    def take_slot(self, pipe, record: dict[str, Any], now: float) -> int:
+    def take_slot(self, pipe, record: dict[str, Any], now: float, *, relay: bool = False) -> int:
         """Queue: take the model's single-flight slot for the record's pipeline, unless another holds it.
 
         Taking it counts the training against the budget and cooldown and puts the record in
-        the enqueue outbox (see :meth:`outbox`), all in the caller's transaction. Returns the
-        command's index in ``pipe``: its result is 1 when taken, 0 when another pipeline holds it.
+        the enqueue outbox (see :meth:`outbox`), all in the caller's transaction; with ``relay``
+        also on the enqueue relay's queue. Returns the command's index in ``pipe``: its result is
+        1 when taken, 0 when another pipeline holds it.
         """
         k, model, pipeline_id = self.keys, record["model"], record["pipeline_id"]
         index = len(pipe)
-        pipe.eval(TAKE_SLOT, 3, k.guard(model), k.trainings(model), k.enqueue_outbox(), pipeline_id,
-                  f"{now:.6f}", f"{now - 86400 * 7:.6f}", json.dumps(record, default=str))
+        pipe.eval(TAKE_SLOT, 4, k.guard(model), k.trainings(model), k.enqueue_outbox(), k.enqueue_queue(),
+                  pipeline_id, f"{now:.6f}", f"{now - 86400 * 7:.6f}", json.dumps(record, default=str),
+                  relay_queue_entry(model, pipeline_id) if relay else "")
         return index
+
+    def claim_enqueue(self, model: str, pipeline_id: str, owner: str, ttl_ms: int = 60_000) -> dict[str, Any] | None:
+        """The outbox record to enqueue, with the model's enqueue lock taken by ``owner``; else ``None``.
+
+        ``None`` when the pipeline was enqueued already, no longer holds its model's slot (its
+        entry is dropped) or another enqueuer holds the lock. Release with :meth:`enqueued` or
+        :meth:`release_enqueue`.
+        """
+        raw = self.redis.eval(CLAIM_ENQUEUE, 3, self.keys.enqueue_outbox(), self.keys.lock(model, "enqueue"),
+                              self.keys.guard(model), pipeline_id, owner, ttl_ms)
+        return json.loads(raw) if raw else None
+
+    def release_enqueue(self, model: str, owner: str) -> None:
+        """Release the model's enqueue lock if ``owner`` still holds it."""
+        self.redis.eval(UNLOCK_MANY, 1, self.keys.lock(model, "enqueue"), owner)
 
     def outbox(self) -> dict[str, dict[str, Any]]:
         """Decided pipelines not yet confirmed enqueued on Celery: pipeline id -> decision record."""
         return {_str(pid): json.loads(raw) for pid, raw in self.redis.hgetall(self.keys.enqueue_outbox()).items()}
 
-    def enqueued(self, record: dict[str, Any], when: float) -> None:
-        """The record's pipeline is on Celery: note it on the pipeline (status only if no step wrote one) and clear the outbox."""
+    def enqueued(self, record: dict[str, Any], when: float, by: str = "") -> None:
+        """The record's pipeline is on Celery: note it on the pipeline (status only if no step wrote one;
+        ``by``: who enqueued it) and clear the outbox."""
         k = self.keys
         pipe = self.redis.pipeline(transaction=True)
         key = k.pipeline(record["model"], record["pipeline_id"])
-        pipe.hset(key, mapping={"decision_id": record["id"], "enqueued_at": f"{when:.6f}"})
+        pipe.hset(key, mapping={"decision_id": record["id"], "enqueued_at": f"{when:.6f}", "enqueued_by": by})
         pipe.hsetnx(key, "status", "enqueued")
         pipe.hdel(k.enqueue_outbox(), record["pipeline_id"])
         pipe.execute()
-
-    def drop_from_outbox(self, pipeline_id: str) -> None:
-        """Forget an outbox entry whose pipeline no longer holds its slot (nothing left to start)."""
-        self.redis.hdel(self.keys.enqueue_outbox(), pipeline_id)
 
     def holds_slot(self, model: str, pipeline_id: str) -> bool:
         return _str(self.redis.hget(self.keys.guard(model), "in_flight") or b"") == pipeline_id

@@ -1,0 +1,185 @@
+"""The enqueue relay: puts decided pipelines on Celery, outside the decision loop.
+
+A start decision commits, in one transaction, the model's single-flight slot, the decision
+record and an entry in the enqueue outbox (``keys.enqueue_outbox()``); with the relay on it also
+queues ``[model, pipeline id]`` on ``keys.enqueue_queue()`` (``state.relay_queue_entry``). The relay pops that queue, claims
+the outbox entry (only while the pipeline still holds its slot, under the model's enqueue lock),
+publishes the Celery chain and marks the pipeline ``enqueued``.
+
+Why a process of its own: a Celery chain publish costs a millisecond or more of Python in
+Celery and kombu, and the decision loop would otherwise pay it between batches (and wait on the
+broker). In the relay it runs on another core while the loop reads the next batch.
+
+At least once, never lost: an entry popped by a relay that dies before the enqueue stays in the
+outbox, and the decision service's outbox replay enqueues it after ``OUTBOX_GRACE_S``; the
+decision service also restarts a relay process that died. An entry enqueued twice (a replay
+racing a stalled relay) is harmless: the pipeline's task ids are deterministic and every step is
+idempotent by pipeline id and step.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import structlog
+
+from config.keys import Keys
+
+log = structlog.get_logger(__name__)
+
+WAIT_S = 0.5
+"""How long one BRPOP waits before the relay checks whether to stop."""
+RESTART_AFTER_S = 5.0
+"""A relay process that died is restarted at most this often."""
+START_TIMEOUT_S = 120.0
+
+
+def enqueue_recorded(store, enqueue: Callable[[dict[str, Any]], Any], record: dict[str, Any], by: str) -> bool:
+    """Put a decided pipeline on Celery and mark it enqueued; on failure it stays in the outbox (for the replay)."""
+    try:
+        enqueue(record)
+    except Exception as exc:  # noqa: BLE001 - broker trouble: the outbox keeps the decision
+        log.error("decision.enqueue_failed", model=record["model"], decision_id=record["id"],
+                  pipeline_id=record["pipeline_id"], error=f"{type(exc).__name__}: {exc}")
+        return False
+    store.enqueued(record, time.time(), by=by)
+    log.info("decision.pipeline_enqueued", model=record["model"], decision_id=record["id"],
+             pipeline_id=record["pipeline_id"], queue=record["queue"], urgency=record["urgency"], by=by)
+    return True
+
+
+def celery_enqueue(record: dict[str, Any]) -> None:
+    from workers.pipeline.canvas import start_pipeline
+
+    start_pipeline(record)
+
+
+def warm_up_celery() -> None:
+    from workers.pipeline.canvas import warm_up
+
+    warm_up()
+
+
+class EnqueueRelay:
+    """Pops the enqueue queue and puts each pipeline on Celery (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, name: str,
+                 enqueue: Callable[[dict[str, Any]], Any] | None = None):
+        from workers.decision.state import DecisionStore
+
+        self.redis = client
+        self.keys = keys
+        self.name = name
+        self.store = DecisionStore(client, keys)
+        self.enqueue = enqueue or celery_enqueue
+        self.relayed = 0
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        """Relay until ``should_stop()``; errors are logged and retried, never fatal."""
+        queue = self.keys.enqueue_queue()
+        while not should_stop():
+            try:
+                item = self.redis.brpop([queue], timeout=WAIT_S)
+                if item is not None:
+                    self.relay(item[1])
+            except redis.ConnectionError as exc:
+                log.warning("decision.relay_connection_lost", error=str(exc))
+                time.sleep(0.5)
+            except Exception as exc:  # noqa: BLE001 - a relay that stops is worse than one that retries
+                log.exception("decision.relay_error", error=str(exc))
+                time.sleep(0.5)
+
+    def relay(self, entry: bytes | str) -> bool:
+        """Enqueue one queue entry's pipeline if it still needs it; return whether this call enqueued it."""
+        try:
+            model, pipeline_id = json.loads(entry)
+        except (ValueError, TypeError):
+            log.error("decision.relay_bad_entry", entry=str(entry)[:200])
+            return False
+        record = self.store.claim_enqueue(model, pipeline_id, self.name)
+        if record is None:  # enqueued already, no longer holding its slot, or being enqueued by another
+            return False
+        try:
+            done = enqueue_recorded(self.store, self.enqueue, record, by=self.name)
+        finally:
+            self.store.release_enqueue(model, self.name)
+        self.relayed += done
+        return done
+
+
+def relay_main(settings, name: str, stop, ready, parent_pid: int) -> None:
+    """The relay process: load Celery, say ready, relay until told to stop or the parent is gone."""
+    from config.keys import keys_from_settings
+    from config.logs import configure_logging
+    from workers.connections import get_redis
+
+    configure_logging(settings.log_level, settings.log_format, force=True)
+    relay = EnqueueRelay(get_redis(settings), keys_from_settings(settings), name)
+    try:
+        warm_up_celery()
+    except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
+        log.warning("decision.relay_warm_up_failed", error=str(exc))
+    ready.set()
+    log.info("decision.relay_started", relay=name, pid=os.getpid())
+    relay.run(lambda: stop.is_set() or os.getppid() != parent_pid)
+    log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
+
+
+class RelayProcess:
+    """An :class:`EnqueueRelay` in a child process of the decision service, restarted if it dies.
+
+    Spawned, not forked: the decision service runs beside other threads (the Celery worker's),
+    and a forked child could inherit a lock one of them held.
+    """
+
+    def __init__(self, settings, name: str):
+        self.settings = settings
+        self.name = name
+        self._ctx = mp.get_context("spawn")
+        self._proc = None
+        self._stop = None
+        self._ready = None
+        self._started_at = 0.0
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def start(self, wait: bool = True) -> bool:
+        """Start the relay process; with ``wait``, until it has loaded Celery. Returns whether it is ready."""
+        # Both events are kept: the child unpickles them after start() returns.
+        self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
+        self._proc = self._ctx.Process(target=relay_main, name="enqueue-relay", daemon=True,
+                                       args=(self.settings, self.name, self._stop, self._ready, os.getpid()))
+        self._proc.start()
+        self._started_at = time.monotonic()
+        return self._ready.wait(START_TIMEOUT_S) if wait else False
+
+    def ensure_running(self) -> bool:
+        """Restart a relay process that died (at most every ``RESTART_AFTER_S``); return whether it was restarted."""
+        if self._proc is None or self._proc.is_alive() or time.monotonic() - self._started_at < RESTART_AFTER_S:
+            return False
+        log.error("decision.relay_died", relay=self.name, exitcode=self._proc.exitcode)
+        self.restarts += 1
+        self.start(wait=False)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        self._stop.set()
+        self._proc.join(timeout)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+        self._proc = None
