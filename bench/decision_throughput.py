@@ -18,8 +18,10 @@ and every process, the decision service included, is late by as much.
 Bars (issue 3): >= 20,000 events/s; p99 <= 50 ms at 5,000 events/s.
 Each service process runs ``DecisionService.run`` (what the Celery bootstep runs), forked before
 the events exist, with the Celery app loaded and the service warmed up as in a running worker;
-``--workers N`` runs N of them in the consumer group (the way decision workers scale). The CPU
-per event of the services, the publisher and the Redis server is reported for each phase.
+``--workers N`` runs N of them in the consumer group (the way decision workers scale). Each
+service puts its pipelines on Celery through its enqueue relay process, as a decision worker
+does by default (``--no-relay``: from the loop itself). The CPU per event of the services (their
+relay processes included), the publisher and the Redis server is reported for each phase.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import resource
 import tempfile
 import threading
 import time
@@ -83,7 +86,12 @@ def _load_celery(url: str) -> None:
     import workers.app  # noqa: F401
 
 
-def _service_proc(url: str, folder: str, name: str, stop, ready, cpu):
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _service_proc(url: str, folder: str, name: str, stop, ready, cpu, relay: bool):
     import redis
 
     from config.logs import configure_logging
@@ -92,18 +100,18 @@ def _service_proc(url: str, folder: str, name: str, stop, ready, cpu):
     configure_logging("WARNING", "json", force=True)  # one line per enqueued pipeline would flood the output
     _load_celery(url)
     settings = _settings(url, Path(folder))
-    svc = DecisionService(redis.Redis.from_url(url), settings, name)
+    svc = DecisionService(redis.Redis.from_url(url), settings, name, relay=relay)
     svc.consumer.ensure_group()
     svc.warm_up()  # what run() does first; done here so that publishing starts on a ready service
-    cpu0 = time.process_time()
+    cpu0, children0 = time.process_time(), _children_cpu()
     runner = threading.Thread(target=svc.run, name="decision-service")  # what the Celery bootstep runs
     runner.start()
     ready.set()
     stop.wait()
     svc.stop()
-    runner.join(30)
+    runner.join(30)  # run() stops the relay process on its way out: its CPU is then in RUSAGE_CHILDREN
     with cpu.get_lock():
-        cpu.value += time.process_time() - cpu0
+        cpu.value += time.process_time() - cpu0 + _children_cpu() - children0
 
 
 def _wait_drained(client, keys, n_expected: int, timeout: float = 300) -> None:
@@ -164,14 +172,15 @@ class SchedulerNoise:
 class Services:
     """Decision service processes (each a member of the consumer group, as decision workers are)."""
 
-    def __init__(self, url: str, folder: Path, workers: int = 1):
+    def __init__(self, url: str, folder: Path, workers: int = 1, relay: bool = True):
         ctx = mp.get_context("fork")  # forked before the events exist: a worker does not hold them
         self.stop, self.cpu = ctx.Event(), ctx.Value("d", 0.0)
         self.procs = []
         readies = []
         for i in range(workers):
             ready = ctx.Event()
-            proc = ctx.Process(target=_service_proc, args=(url, str(folder), f"bench-{i + 1}", self.stop, ready, self.cpu))
+            proc = ctx.Process(target=_service_proc, args=(url, str(folder), f"bench-{i + 1}", self.stop, ready, self.cpu,
+                                                                     relay))
             proc.start()
             self.procs.append(proc)
             readies.append(ready)
@@ -188,7 +197,7 @@ class Services:
         return self.cpu.value
 
 
-def bench_throughput(url: str, folder: Path, n: int, workers: int = 1) -> dict:
+def bench_throughput(url: str, folder: Path, n: int, workers: int = 1, relay: bool = True) -> dict:
     import redis
 
     from config.keys import Keys
@@ -196,7 +205,7 @@ def bench_throughput(url: str, folder: Path, n: int, workers: int = 1) -> dict:
 
     client = redis.Redis.from_url(url)
     keys = Keys()
-    services = Services(url, folder, workers)
+    services = Services(url, folder, workers, relay)
     rng = random.Random(1)
     events = [_event(i, rng, hot=(i % 388 == 0)) for i in range(n)]  # one drift in 97 is over threshold
     bus = EventBus(client, keys)
@@ -217,7 +226,7 @@ def bench_throughput(url: str, folder: Path, n: int, workers: int = 1) -> dict:
                                  "redis_server_incl_drain_polling": round(server_cpu / n * 1e6, 2)}}
 
 
-def bench_latency(url: str, folder: Path, rate: int, seconds: float, workers: int = 1) -> dict:
+def bench_latency(url: str, folder: Path, rate: int, seconds: float, workers: int = 1, relay: bool = True) -> dict:
     """Paced publishing; hot events (drift over threshold), each on a model with no pipeline yet, start pipelines."""
     import redis
 
@@ -226,7 +235,7 @@ def bench_latency(url: str, folder: Path, rate: int, seconds: float, workers: in
 
     client = redis.Redis.from_url(url)
     keys = Keys()
-    services = Services(url, folder, workers)
+    services = Services(url, folder, workers, relay)
     bus = EventBus(client, keys)
     rng = random.Random(2)
     sent_at: dict[str, float] = {}  # hot event id -> publish time
@@ -293,6 +302,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--celery-events", type=int, default=3_000)
     parser.add_argument("--workers", type=int, default=1, help="decision service processes in the consumer group")
+    parser.add_argument("--no-relay", action="store_true",
+                        help="enqueue pipelines from the decision loop itself, not from its relay process")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     # Each phase on its own fresh Redis: the throughput phase leaves ~1 GB of writes whose AOF
@@ -301,12 +312,13 @@ def main() -> None:
         folder = Path(d)
         (folder / "p.toml").write_text(POLICY)
         with private_redis() as server:
-            tp = bench_throughput(server.url, folder, args.events, args.workers)
+            tp = bench_throughput(server.url, folder, args.events, args.workers, not args.no_relay)
         with private_redis() as server:
-            lat = bench_latency(server.url, folder, args.rate, args.seconds, args.workers)
+            lat = bench_latency(server.url, folder, args.rate, args.seconds, args.workers, not args.no_relay)
         with private_redis() as server:
             celery_rate = bench_celery_baseline(server.url, args.celery_events)
-    result = {"benchmark": "decision_throughput", "models": MODELS, "workers": args.workers, **{f"throughput_{k}": v for k, v in tp.items()},
+    result = {"benchmark": "decision_throughput", "models": MODELS, "workers": args.workers,
+              "enqueue_relay": not args.no_relay, **{f"throughput_{k}": v for k, v in tp.items()},
               **{f"latency_{k}" if not k.startswith("latency") else k: v for k, v in lat.items()},
               "celery_task_per_event_per_s": round(celery_rate),
               "ratio_vs_celery": round(tp["events_per_s"] / celery_rate, 1),
