@@ -44,6 +44,7 @@ class TestRelayProcess:
         svc = make_service()
         svc.warm_up()
         assert svc.relay.alive() and svc.relay.pid != os.getpid()
+        assert svc.relay.start_cpu_seconds() > 0  # loading Celery, reported apart from the relaying
         svc.bus.publish(drift(score=0.2))
         step(svc)
         [rec] = records(svc)

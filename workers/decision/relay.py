@@ -113,8 +113,11 @@ class EnqueueRelay:
         return done
 
 
-def relay_main(settings, name: str, stop, ready, parent_pid: int) -> None:
-    """The relay process: load Celery, say ready, relay until told to stop or the parent is gone."""
+def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None) -> None:
+    """The relay process: load Celery, say ready, relay until told to stop or the parent is gone.
+
+    ``start_cpu`` (a shared double) receives the CPU seconds the start took (imports, warm-up).
+    """
     from config.keys import keys_from_settings
     from config.logs import configure_logging
     from workers.connections import get_redis
@@ -125,6 +128,8 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int) -> None:
         warm_up_celery()
     except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
         log.warning("decision.relay_warm_up_failed", error=str(exc))
+    if start_cpu is not None:
+        start_cpu.value = time.process_time()
     ready.set()
     log.info("decision.relay_started", relay=name, pid=os.getpid())
     relay.run(lambda: stop.is_set() or os.getppid() != parent_pid)
@@ -145,12 +150,17 @@ class RelayProcess:
         self._proc = None
         self._stop = None
         self._ready = None
+        self._start_cpus: list = []
         self._started_at = 0.0
         self.restarts = 0
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    def start_cpu_seconds(self) -> float:
+        """CPU seconds the relay processes started so far spent starting (loading Celery), not relaying."""
+        return sum(v.value for v in self._start_cpus)
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
@@ -159,8 +169,11 @@ class RelayProcess:
         """Start the relay process; with ``wait``, until it has loaded Celery. Returns whether it is ready."""
         # Both events are kept: the child unpickles them after start() returns.
         self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
+        self._start_cpu = self._ctx.Value("d", 0.0, lock=False)
+        self._start_cpus.append(self._start_cpu)
         self._proc = self._ctx.Process(target=relay_main, name="enqueue-relay", daemon=True,
-                                       args=(self.settings, self.name, self._stop, self._ready, os.getpid()))
+                                       args=(self.settings, self.name, self._stop, self._ready, os.getpid(),
+                                             self._start_cpu))
         self._proc.start()
         self._started_at = time.monotonic()
         return self._ready.wait(START_TIMEOUT_S) if wait else False
