@@ -12,8 +12,9 @@ import pytest
 from config.settings import Settings
 from tests.support import wait_for
 from tests.test_decision_worker import drift, queued, records, step, write_policy
-from workers.decision.relay import EnqueueRelay, celery_enqueue
+from workers.decision.relay import RESTART_AFTER_S, EnqueueRelay, RelayProcess, celery_enqueue
 from workers.decision.service import OUTBOX_GRACE_S, DecisionService
+from workers.decision.state import relay_queue_entry
 
 
 @pytest.fixture
@@ -67,6 +68,7 @@ class TestRelayProcess:
         svc.relay._started_at -= 10  # as if it had run past the restart delay
         svc.after_batch()
         assert svc.relay.restarts == 1 and svc.relay.alive() and svc.relay.pid != first
+        wait_for(svc.relay.ready, timeout=120, message="the new relay to load Celery")
         svc.bus.publish(drift(score=0.2))
         step(svc)
         [rec] = records(svc)
@@ -84,69 +86,175 @@ class TestRelayProcess:
         assert not proc.is_alive() and proc.exitcode == 0
 
 
-class TestRelaySafety:
-    """The relay's rules, driven in-process against the real Redis and the real Celery enqueue."""
+    def test_ctrl_c_leaves_the_relay_to_its_service_and_sigterm_stops_it_cleanly(self, make_service):
+        """SIGINT (a terminal's Ctrl-C reaches the whole process group) does not kill the relay; SIGTERM ends its loop, exit code 0."""
+        svc = make_service()
+        svc.warm_up()
+        proc = svc.relay._proc
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.is_alive()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.join(15)
+        assert proc.exitcode == 0
 
-    def decide(self, svc):
+    def test_a_relay_that_dies_starting_is_noticed_and_restarted_with_backoff(self):
+        """A relay that cannot start is reported at once (not after the start timeout), and restarts back off."""
+        relay = RelayProcess(object(), "broken:relay")  # no settings: the child dies reading them
+        began = time.monotonic()
+        assert relay.start(wait=True) is False
+        assert time.monotonic() - began < 60 and not relay.alive()
+        try:
+            relay._started_at -= RESTART_AFTER_S + 1
+            assert relay.ensure_running() and relay.restarts == 1  # first restart after RESTART_AFTER_S
+            wait_for(lambda: not relay.alive(), timeout=60, message="the restarted relay to die too")
+            relay._started_at -= RESTART_AFTER_S + 1
+            assert not relay.ensure_running()  # the second waits twice as long
+            relay._started_at -= RESTART_AFTER_S
+            assert relay.ensure_running() and relay.restarts == 2
+        finally:
+            relay.stop()
+
+
+class TestRelayHandOver:
+    def test_without_a_ready_relay_the_loop_enqueues_itself(self, make_service, redis_client, keys):
+        """Relay configured but not running: the decision is enqueued by the loop at once, not left for the replay."""
+        svc = make_service()  # warm_up() not called: no relay process
         svc.bus.publish(drift(score=0.2))
         step(svc)
         [rec] = records(svc)
-        return rec
+        assert pipeline_fields(redis_client, keys, rec)["enqueued_by"] == "worker-1"
+        assert queued(redis_client, "training.low") == 1 and redis_client.llen(keys.enqueue_queue()) == 0
 
-    def test_an_entry_popped_by_a_relay_that_died_is_replayed_by_the_loop(self, make_service, redis_client, keys):
-        """The relay popped the entry and died before enqueueing: the outbox keeps it and the loop's replay enqueues it once."""
-        svc = make_service()  # relay process not started: nothing pops the queue but us
-        rec = self.decide(svc)
-        assert redis_client.rpop(keys.enqueue_queue()) is not None  # popped, then the relay "died"
+    def test_an_entry_lost_with_its_relay_is_replayed_after_its_event(self, make_service, redis_client, keys):
+        """The relay takes the entry and dies: retrain.decided is already out, and the replay enqueues the pipeline once."""
+        svc = make_service()
+        svc.warm_up()
+        os.kill(svc.relay.pid, signal.SIGSTOP)  # hung (a BLPOP it had sent may still take the entry)
+        try:
+            svc.bus.publish(drift(score=0.2))
+            step(svc)
+            [rec] = records(svc)
+            decided = [json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.history("churn"))]
+            assert [e["data"]["pipeline_id"] for e in decided if e["type"] == "retrain.decided"] == [rec["pipeline_id"]]
+            left = redis_client.lpop(keys.enqueue_queue())  # else the hung relay's pending BLPOP got it
+            assert left is None or json.loads(left) == ["churn", rec["pipeline_id"]]
+        finally:
+            os.kill(svc.relay.pid, signal.SIGKILL)
         assert queued(redis_client, "training.low") == 0 and set(svc.store.outbox()) == {rec["pipeline_id"]}
+        svc._last_replay = 0.0
         assert svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1) == 1
         assert queued(redis_client, "training.low") == 1 and svc.store.outbox() == {}
-        assert pipeline_fields(redis_client, keys, rec)["enqueued_by"] == "worker-1"
+        step(svc)
+        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.history("churn"))]
+        assert types.count("retrain.decided") == 1
+
+
+    def test_a_decision_whose_event_failed_to_publish_is_not_handed_to_the_relay(self, make_service, redis_client, keys):
+        """Publishing retrain.decided fails after the commit: nothing is queued for the relay; the replay publishes, then enqueues."""
+        svc = make_service()
+        svc.warm_up()
+        publish_many = svc.bus.publish_many
+
+        def broken(events):
+            raise ConnectionError("Redis went away")
+
+        svc.bus.publish(drift(score=0.2))
+        svc.consumer.poll(block_ms=10)
+        svc.bus.publish_many = broken
+        with pytest.raises(ConnectionError):
+            svc.after_batch()
+        svc.bus.publish_many = publish_many
+        [rec] = records(svc)
+        time.sleep(1.0)  # the relay is up: it would have enqueued by now
+        assert redis_client.llen(keys.enqueue_queue()) == 0 and queued(redis_client, "training.low") == 0
+        svc._last_replay = 0.0
+        assert svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1) == 1
+        step(svc)
+        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.history("churn"))]
+        assert types.count("retrain.decided") == 1 and queued(redis_client, "training.low") == 1
+
+
+class TestRelaySafety:
+    """The relay's rules, driven in-process against the real Redis and the real Celery enqueue."""
+
+    def decide(self, make_service):
+        """A start decision committed to the outbox whose enqueue failed (broker down): the relay's input."""
+        svc = make_service(relay=False)
+
+        def down(record):
+            raise ConnectionError("broker unreachable")
+
+        svc.enqueue = down
+        svc.bus.publish(drift(score=0.2))
+        step(svc)
+        [rec] = records(svc)
+        svc.enqueue = celery_enqueue
+        assert set(svc.store.outbox()) == {rec["pipeline_id"]} and queued(svc.redis, "training.low") == 0
+        return svc, rec, relay_queue_entry("churn", rec["pipeline_id"])
+
+    def test_the_relay_enqueues_an_outbox_entry_once(self, make_service, redis_client, keys):
+        """One claim, one Celery chain; the same entry again is a no-op."""
+        svc, rec, entry = self.decide(make_service)
+        relay = EnqueueRelay(redis_client, keys, "relay-x")
+        assert relay.relay(entry) is True and relay.relay(entry) is False
+        assert queued(redis_client, "training.low") == 1 and svc.store.outbox() == {}
+        assert pipeline_fields(redis_client, keys, rec)["enqueued_by"] == "relay-x"
 
     def test_an_entry_already_enqueued_is_not_enqueued_again(self, make_service, redis_client, keys):
         """A queue entry whose pipeline a replay enqueued meanwhile: the relay skips it."""
-        svc = make_service()
-        rec = self.decide(svc)
-        svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1)
+        svc, rec, entry = self.decide(make_service)
+        svc._last_replay = 0.0
+        assert svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1) == 1
         relay = EnqueueRelay(redis_client, keys, "relay-x")
-        assert relay.relay(redis_client.rpop(keys.enqueue_queue())) is False
+        assert relay.relay(entry) is False
         assert queued(redis_client, "training.low") == 1
 
     def test_an_entry_whose_slot_was_released_is_dropped(self, make_service, redis_client, keys):
         """The pipeline no longer holds its model's slot (cleared by an operator): nothing to start, the outbox entry goes."""
-        svc = make_service()
-        rec = self.decide(svc)
+        svc, rec, entry = self.decide(make_service)
         redis_client.hdel(keys.guard("churn"), "in_flight")
         relay = EnqueueRelay(redis_client, keys, "relay-x")
-        assert relay.relay(redis_client.rpop(keys.enqueue_queue())) is False
+        assert relay.relay(entry) is False
         assert queued(redis_client, "training.low") == 0 and svc.store.outbox() == {}
-        assert rec["pipeline_id"]
 
     def test_an_entry_another_enqueuer_holds_waits_for_it(self, make_service, redis_client, keys):
         """While another enqueuer holds the model's enqueue lock the relay leaves the entry; once released it enqueues it."""
-        svc = make_service()
-        rec = self.decide(svc)
-        entry = redis_client.rpop(keys.enqueue_queue())
+        svc, rec, entry = self.decide(make_service)
         redis_client.set(keys.lock("churn", "enqueue"), "someone-else", px=60_000)
-        relay = EnqueueRelay(redis_client, keys, "relay-x", enqueue=celery_enqueue)
+        relay = EnqueueRelay(redis_client, keys, "relay-x")
         assert relay.relay(entry) is False and set(svc.store.outbox()) == {rec["pipeline_id"]}
+        relay.store.release_enqueue("churn", relay.owner)  # not ours: stays
+        assert redis_client.get(keys.lock("churn", "enqueue")) == b"someone-else"
         redis_client.delete(keys.lock("churn", "enqueue"))
-        assert relay.relay(entry) is True and relay.relay(entry) is False
+        assert relay.relay(entry) is True
         assert queued(redis_client, "training.low") == 1 and not redis_client.exists(keys.lock("churn", "enqueue"))
 
     def test_a_broker_error_leaves_the_entry_for_the_replay(self, make_service, redis_client, keys):
         """The relay's enqueue fails: the outbox entry and the slot stay, the lock is released, and the replay enqueues it."""
-        svc = make_service()
-        rec = self.decide(svc)
+        svc, rec, entry = self.decide(make_service)
 
         def down(record):
             raise ConnectionError("broker unreachable")
 
         relay = EnqueueRelay(redis_client, keys, "relay-x", enqueue=down)
-        assert relay.relay(redis_client.rpop(keys.enqueue_queue())) is False
+        assert relay.relay(entry) is False
         assert set(svc.store.outbox()) == {rec["pipeline_id"]} and not redis_client.exists(keys.lock("churn", "enqueue"))
+        svc._last_replay = 0.0
         assert svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1) == 1
         assert queued(redis_client, "training.low") == 1
+
+    def test_the_queue_is_first_in_first_out(self, make_service, redis_client, keys):
+        """Decisions reach the relay in the order they were made."""
+        svc, rec, entry = self.decide(make_service)
+        svc.store.queue_for_relay([{"model": "a", "pipeline_id": "p-1"}, {"model": "b", "pipeline_id": "p-2"}])
+        svc.store.queue_for_relay([{"model": "c", "pipeline_id": "p-3"}])
+        relay = EnqueueRelay(redis_client, keys, "relay-x")
+        seen = []
+        relay.relay = lambda item: seen.append(json.loads(item)[1]) or len(seen) == 3 and relay_stop.append(1)
+        relay_stop: list = []
+        relay.run(lambda: bool(relay_stop))
+        assert seen == ["p-1", "p-2", "p-3"]
 
     def test_garbage_on_the_queue_is_logged_and_skipped(self, redis_client, keys):
         """An entry that is not [model, pipeline id] does not stop the relay."""

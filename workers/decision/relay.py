@@ -1,18 +1,20 @@
 """The enqueue relay: puts decided pipelines on Celery, outside the decision loop.
 
 A start decision commits, in one transaction, the model's single-flight slot, the decision
-record and an entry in the enqueue outbox (``keys.enqueue_outbox()``); with the relay on it also
-queues ``[model, pipeline id]`` on ``keys.enqueue_queue()`` (``state.relay_queue_entry``). The relay pops that queue, claims
-the outbox entry (only while the pipeline still holds its slot, under the model's enqueue lock),
-publishes the Celery chain and marks the pipeline ``enqueued``.
+record and an entry in the enqueue outbox (``keys.enqueue_outbox()``). Once its
+``retrain.decided`` event is published, the decision loop queues ``[model, pipeline id]`` on
+``keys.enqueue_queue()`` (oldest first) if its relay is up, else it enqueues the pipeline itself.
+The relay pops that queue, claims the outbox entry (only while the pipeline still holds its slot,
+under the model's enqueue lock), publishes the Celery chain and marks the pipeline ``enqueued``.
 
 Why a process of its own: a Celery chain publish costs a millisecond or more of Python in
 Celery and kombu, and the decision loop would otherwise pay it between batches (and wait on the
 broker). In the relay it runs on another core while the loop reads the next batch.
 
 At least once, never lost: an entry popped by a relay that dies before the enqueue stays in the
-outbox, and the decision service's outbox replay enqueues it after ``OUTBOX_GRACE_S``; the
-decision service also restarts a relay process that died. An entry enqueued twice (a replay
+outbox, and the decision service's outbox replay (which publishes ``retrain.decided`` first)
+enqueues it after ``OUTBOX_GRACE_S``; the decision service also restarts a relay process that
+died, backing off while it keeps dying. An entry enqueued twice (a replay
 racing a stalled relay) is harmless: the pipeline's task ids are deterministic and every step is
 idempotent by pipeline id and step.
 """
@@ -22,7 +24,9 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +40,11 @@ log = structlog.get_logger(__name__)
 WAIT_S = 0.5
 """How long one BRPOP waits before the relay checks whether to stop."""
 RESTART_AFTER_S = 5.0
-"""A relay process that died is restarted at most this often."""
+"""A relay process that died is restarted after this long, doubling while restarts keep dying ..."""
+RESTART_MAX_S = 300.0
+"""... up to this."""
+HEALTHY_AFTER_S = 60.0
+"""A relay that has run this long resets the restart backoff."""
 START_TIMEOUT_S = 120.0
 
 
@@ -76,6 +84,8 @@ class EnqueueRelay:
         self.redis = client
         self.keys = keys
         self.name = name
+        self.owner = f"{name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        """Holder of the enqueue locks it takes: unique, so a successor never releases a predecessor's lock."""
         self.store = DecisionStore(client, keys)
         self.enqueue = enqueue or celery_enqueue
         self.relayed = 0
@@ -85,7 +95,7 @@ class EnqueueRelay:
         queue = self.keys.enqueue_queue()
         while not should_stop():
             try:
-                item = self.redis.brpop([queue], timeout=WAIT_S)
+                item = self.redis.blpop([queue], timeout=WAIT_S)
                 if item is not None:
                     self.relay(item[1])
             except redis.ConnectionError as exc:
@@ -102,13 +112,13 @@ class EnqueueRelay:
         except (ValueError, TypeError):
             log.error("decision.relay_bad_entry", entry=str(entry)[:200])
             return False
-        record = self.store.claim_enqueue(model, pipeline_id, self.name)
+        record = self.store.claim_enqueue(model, pipeline_id, self.owner)
         if record is None:  # enqueued already, no longer holding its slot, or being enqueued by another
             return False
         try:
             done = enqueue_recorded(self.store, self.enqueue, record, by=self.name)
         finally:
-            self.store.release_enqueue(model, self.name)
+            self.store.release_enqueue(model, self.owner)
         self.relayed += done
         return done
 
@@ -122,6 +132,12 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     from config.logs import configure_logging
     from workers.connections import get_redis
 
+    # The relay shares the worker's process group: Ctrl-C and a service manager's SIGTERM reach
+    # it too. It finishes the pipeline in hand and stops (SIGTERM), or leaves stopping to the
+    # decision service (SIGINT), rather than dying between a publish and its bookkeeping.
+    terminating: list[int] = []
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: terminating.append(signum))
     configure_logging(settings.log_level, settings.log_format, force=True)
     relay = EnqueueRelay(get_redis(settings), keys_from_settings(settings), name)
     try:
@@ -132,7 +148,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
         start_cpu.value = time.process_time()
     ready.set()
     log.info("decision.relay_started", relay=name, pid=os.getpid())
-    relay.run(lambda: stop.is_set() or os.getppid() != parent_pid)
+    relay.run(lambda: bool(terminating) or stop.is_set() or os.getppid() != parent_pid)
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
 
 
@@ -150,8 +166,10 @@ class RelayProcess:
         self._proc = None
         self._stop = None
         self._ready = None
-        self._start_cpus: list = []
+        self._start_cpu = None
+        self._start_cpu_before = 0.0
         self._started_at = 0.0
+        self._failures = 0
         self.restarts = 0
 
     @property
@@ -160,29 +178,49 @@ class RelayProcess:
 
     def start_cpu_seconds(self) -> float:
         """CPU seconds the relay processes started so far spent starting (loading Celery), not relaying."""
-        return sum(v.value for v in self._start_cpus)
+        return self._start_cpu_before + (self._start_cpu.value if self._start_cpu is not None else 0.0)
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
 
+    def ready(self) -> bool:
+        """Alive and done loading Celery: entries queued now are enqueued in milliseconds."""
+        return self.alive() and self._ready.is_set()
+
     def start(self, wait: bool = True) -> bool:
-        """Start the relay process; with ``wait``, until it has loaded Celery. Returns whether it is ready."""
-        # Both events are kept: the child unpickles them after start() returns.
+        """Start the relay process; with ``wait``, until it has loaded Celery (or died). Returns whether it is ready."""
+        if self._start_cpu is not None:
+            self._start_cpu_before += self._start_cpu.value
+        # Kept on self: the child unpickles them after start() returns.
         self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
         self._start_cpu = self._ctx.Value("d", 0.0, lock=False)
-        self._start_cpus.append(self._start_cpu)
         self._proc = self._ctx.Process(target=relay_main, name="enqueue-relay", daemon=True,
                                        args=(self.settings, self.name, self._stop, self._ready, os.getpid(),
                                              self._start_cpu))
         self._proc.start()
         self._started_at = time.monotonic()
-        return self._ready.wait(START_TIMEOUT_S) if wait else False
+        if not wait:
+            return False
+        deadline = self._started_at + START_TIMEOUT_S
+        while not self._ready.wait(0.2):
+            if not self._proc.is_alive() or time.monotonic() > deadline:
+                return False
+        return True
 
     def ensure_running(self) -> bool:
-        """Restart a relay process that died (at most every ``RESTART_AFTER_S``); return whether it was restarted."""
-        if self._proc is None or self._proc.is_alive() or time.monotonic() - self._started_at < RESTART_AFTER_S:
+        """Restart a relay process that died, after a backoff; return whether it was restarted now."""
+        if self._proc is None:
             return False
-        log.error("decision.relay_died", relay=self.name, exitcode=self._proc.exitcode)
+        now = time.monotonic()
+        if self._proc.is_alive():
+            if self._failures and now - self._started_at > HEALTHY_AFTER_S:
+                self._failures = 0
+            return False
+        delay = min(RESTART_MAX_S, RESTART_AFTER_S * 2 ** self._failures)
+        if now - self._started_at < delay:
+            return False
+        log.error("decision.relay_died", relay=self.name, exitcode=self._proc.exitcode, restarts=self.restarts + 1)
+        self._failures += 1
         self.restarts += 1
         self.start(wait=False)
         return True

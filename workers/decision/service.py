@@ -20,6 +20,7 @@ its bookkeeping and releases its locks in one transaction.
 from __future__ import annotations
 
 import gc
+import os
 import time
 import uuid
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ import redis
 import structlog
 
 from config.keys import Keys, keys_from_settings
+from config.policy import Policy
 from config.settings import Settings, get_settings
 from events.bus import EventBus, StreamConsumer, gc_paused
 from events.envelope import CloudEvent, new_event
@@ -145,6 +147,12 @@ return (#KEYS - 2) / 5
 """
 
 
+def _drift_entries(policies: dict[str, Any]) -> int:
+    """How many drift scores a round must read: the largest persistence window among its models' policies."""
+    n = max((p.triggers.drift_persistence_n for p in policies.values() if isinstance(p, Policy)), default=1)
+    return min(n, DRIFT_HISTORY_LEN)
+
+
 def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool = False) -> tuple[set[str], set[str]]:
     """Queue the state updates for a batch into ``pipe`` (one script call, whatever the batch size).
 
@@ -227,6 +235,8 @@ class DecisionService:
         self.enqueue = enqueue or celery_enqueue
         self._warm_up = warm_up_celery if enqueue is None else None  # a custom enqueue has nothing to load
         self.relay = RelayProcess(settings, f"{consumer_name}:relay") if relay else None
+        self._owner = f"{consumer_name}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        """Holder of the enqueue locks the outbox replay takes (unique per service)."""
         self.consumer = StreamConsumer.from_settings(client, settings, "decision", consumer_name, self._handle,
                                                      on_committed=observe_events)
         self.decisions_made = 0
@@ -297,33 +307,33 @@ class DecisionService:
 
     def _evaluate_models(self, due: list[str], now: float) -> int:
         token = f"{self.consumer_name}:{uuid.uuid4().hex[:8]}"
+        policies = self._policies(due)  # looked up once: the state read depends on them (drift window)
         try:
-            states = self.store.claim_and_load(due, token, LOCK_TTL_MS, now, self._drift_entries(due))
+            states = self.store.claim_and_load(due, token, LOCK_TTL_MS, now, _drift_entries(policies))
         except BaseException:
             self.store.release_locks(due, token)  # whichever of them the call took
             raise
         if not states:
             return 0
         try:
-            return self._evaluate(states, now, token)
+            return self._evaluate(states, now, token, policies)
         except BaseException:
             self.store.release_locks(list(states), token)  # harmless if the transaction already did
             raise
 
-    def _drift_entries(self, models: list[str]) -> int:
-        """How many drift scores a round must read: the largest persistence window among the models' policies."""
-        n = 1
+    def _policies(self, models: list[str]) -> dict[str, Any]:
+        """Each model's policy: a :class:`Policy`, ``None`` (no policy) or the exception reading it raised."""
+        out: dict[str, Any] = {}
         for model in models:
             try:
-                policy = self.policies.get(model)
-            except Exception:  # noqa: BLE001 - the evaluation reports the unreadable policy
-                continue
-            if policy is not None and policy.triggers.drift_persistence_n > n:
-                n = policy.triggers.drift_persistence_n
-        return min(n, DRIFT_HISTORY_LEN)
+                out[model] = self.policies.get(model)
+            except Exception as exc:  # noqa: BLE001 - an unreadable policy file stops that model only
+                out[model] = exc
+        return out
 
     # --- one round of evaluations --------------------------------------------------------
-    def _evaluate(self, states: dict[str, StoredState], now: float, token: str | None = None) -> int:
+    def _evaluate(self, states: dict[str, StoredState], now: float, token: str | None = None,
+                  policies: dict[str, Any] | None = None) -> int:
         when = datetime.fromtimestamp(now, timezone.utc)
         pipe = self.redis.pipeline(transaction=True)
         events: list[CloudEvent] = []
@@ -332,10 +342,9 @@ class DecisionService:
         finished: list[StoredState] = []
         made = 0
         for model, state in states.items():
-            try:
-                policy = self.policies.get(model)
-            except Exception as exc:  # noqa: BLE001 - an unreadable policy file stops this model only
-                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=state.failing)
+            policy = policies[model] if policies is not None and model in policies else self._policies([model])[model]
+            if isinstance(policy, Exception):  # an unreadable policy file stops this model only
+                self._evaluation_failed(pipe, state, policy, now, alerts, alerted=state.failing)
                 continue
             if policy is None:
                 record = self._record(model, state, now, action="suppress",
@@ -378,7 +387,7 @@ class DecisionService:
                                   guarded=guarded.to_dict(), pipeline_id=pipeline_id, policy=policy)
             self.store.write_record(pipe, record)
             if guarded.action == "start":
-                slots.append((record, self.store.take_slot(pipe, record, now, relay=self.relay is not None)))
+                slots.append((record, self.store.take_slot(pipe, record, now)))
             else:
                 events.append(self._event("retrain.suppressed", record))
         # The bookkeeping of every evaluated model in one call; its keys are disjoint from the
@@ -400,7 +409,11 @@ class DecisionService:
         for ev in alerts:
             log.warning("alert.raised", model=ev.subject, title=ev.data["title"])
             notify_webhook(ev, webhook)
-        if self.relay is None:  # else the relay process enqueues them (queued by TAKE_SLOT)
+        # After retrain.decided is out (a crash before this point leaves the outbox to the replay,
+        # which publishes it first): to the relay if it is up, else enqueued here.
+        if to_start and self.relay is not None and self.relay.ready():
+            self.store.queue_for_relay(to_start)
+        else:
             for record in to_start:
                 self._start(record)
         self.decisions_made += made
@@ -508,12 +521,12 @@ class DecisionService:
             model = record["model"]
             # None: enqueued meanwhile, released or cleared since (the entry is dropped), or another
             # worker or the relay is enqueuing it right now.
-            claimed = self.store.claim_enqueue(model, pipeline_id, self.consumer_name)
+            claimed = self.store.claim_enqueue(model, pipeline_id, self._owner)
             if claimed is None:
                 continue
             try:
                 self.bus.publish(self._event("retrain.decided", claimed))  # same id: a no-op if it went out
                 started += self._start(claimed)
             finally:
-                self.store.release_enqueue(model, self.consumer_name)
+                self.store.release_enqueue(model, self._owner)
         return started

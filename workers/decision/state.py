@@ -154,8 +154,7 @@ return n
 """
 
 TAKE_SLOT = """
--- KEYS: guard, trainings, enqueue outbox, enqueue queue ; ARGV: pipeline_id, now, trainings kept since,
---   decision record, the enqueue relay's queue entry ('' = no relay)
+-- KEYS: guard, trainings, enqueue outbox ; ARGV: pipeline_id, now, trainings kept since, decision record
 -- Takes the single-flight slot unless another pipeline holds it (a worker whose evaluation lock
 -- expired mid-round): then nothing is written and the caller does not start its pipeline.
 local held = redis.call('HGET', KEYS[1], 'in_flight')
@@ -164,7 +163,6 @@ redis.call('HSET', KEYS[1], 'in_flight', ARGV[1], 'in_flight_since', ARGV[2], 'l
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
-if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[4], ARGV[5]) end
 return 1
 """
 
@@ -196,8 +194,12 @@ return 1
 """
 
 
+ENQUEUE_LOCK_TTL_MS = 20_000
+"""How long a claimed outbox entry is reserved for its enqueuer (below the 30 s outbox replay grace)."""
+
+
 def relay_queue_entry(model: str, pipeline_id: str) -> str:
-    """The enqueue relay's queue entry for a pipeline (pushed by ``TAKE_SLOT``, read by the relay)."""
+    """The enqueue relay's queue entry for a pipeline (see :meth:`DecisionStore.queue_for_relay`)."""
     return json.dumps([model, pipeline_id])
 
 
@@ -210,7 +212,7 @@ def _str(value: Any) -> str:
 
 
 def _ts(value: Any) -> datetime | None:
-    if not value:  # absent or empty
+    if value is None or value == b"" or value == "":
         return None
     return datetime.fromtimestamp(float(value), timezone.utc)
 
@@ -462,22 +464,26 @@ class DecisionStore:
                 args += (field_name, value)
         pipe.eval(FINISH_MANY, len(script_keys), *script_keys, *args)
 
-    def take_slot(self, pipe, record: dict[str, Any], now: float, *, relay: bool = False) -> int:
+    def take_slot(self, pipe, record: dict[str, Any], now: float) -> int:
         """Queue: take the model's single-flight slot for the record's pipeline, unless another holds it.
 
         Taking it counts the training against the budget and cooldown and puts the record in
-        the enqueue outbox (see :meth:`outbox`), all in the caller's transaction; with ``relay``
-        also on the enqueue relay's queue. Returns the command's index in ``pipe``: its result is
-        1 when taken, 0 when another pipeline holds it.
+        the enqueue outbox (see :meth:`outbox`), all in the caller's transaction. Returns the
+        command's index in ``pipe``: its result is 1 when taken, 0 when another pipeline holds it.
         """
         k, model, pipeline_id = self.keys, record["model"], record["pipeline_id"]
         index = len(pipe)
-        pipe.eval(TAKE_SLOT, 4, k.guard(model), k.trainings(model), k.enqueue_outbox(), k.enqueue_queue(),
-                  pipeline_id, f"{now:.6f}", f"{now - 86400 * 7:.6f}", json.dumps(record, default=str),
-                  relay_queue_entry(model, pipeline_id) if relay else "")
+        pipe.eval(TAKE_SLOT, 3, k.guard(model), k.trainings(model), k.enqueue_outbox(), pipeline_id,
+                  f"{now:.6f}", f"{now - 86400 * 7:.6f}", json.dumps(record, default=str))
         return index
 
-    def claim_enqueue(self, model: str, pipeline_id: str, owner: str, ttl_ms: int = 60_000) -> dict[str, Any] | None:
+    def queue_for_relay(self, records: list[dict[str, Any]]) -> None:
+        """Hand decided pipelines (already in the outbox) to the enqueue relay, oldest first."""
+        if records:
+            self.redis.rpush(self.keys.enqueue_queue(),
+                             *[relay_queue_entry(r["model"], r["pipeline_id"]) for r in records])
+
+    def claim_enqueue(self, model: str, pipeline_id: str, owner: str, ttl_ms: int = ENQUEUE_LOCK_TTL_MS) -> dict[str, Any] | None:
         """The outbox record to enqueue, with the model's enqueue lock taken by ``owner``; else ``None``.
 
         ``None`` when the pipeline was enqueued already, no longer holds its model's slot (its
