@@ -590,3 +590,7 @@ class TestTwoWorkers:
         assert queued(redis_client, "training.high") == 3
         deciders = {r["decided_by"] for m in "abc" for r in store.recent_records(m, 100)}
         assert deciders  # records name the worker that decided
+        keys = keys_from_settings(settings)
+        enqueuers = {redis_client.hget(keys.pipeline(m, r["pipeline_id"]), "enqueued_by").decode()
+                     for m in "abc" for r in store.recent_records(m, 100) if r["action"] == "start"}
+        assert enqueuers and all(e.endswith("@test:relay") for e in enqueuers)  # relays (any worker's) enqueued
