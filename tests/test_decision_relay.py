@@ -98,6 +98,29 @@ class TestRelayProcess:
         proc.join(15)
         assert proc.exitcode == 0
 
+    def test_a_stalled_relay_gets_no_work_and_a_stuck_one_is_replaced(self, make_service, redis_client, keys, monkeypatch):
+        """A relay whose loop stops coming round (SIGSTOP): the loop enqueues by itself, then kills and restarts it."""
+        import workers.decision.relay as relay_module
+
+        svc = make_service()
+        svc.warm_up()
+        first = svc.relay.pid
+        monkeypatch.setattr(relay_module, "STALLED_AFTER_S", 1.0)
+        monkeypatch.setattr(relay_module, "STUCK_AFTER_S", 2.0)
+        os.kill(first, signal.SIGSTOP)
+        wait_for(lambda: not svc.relay.ready(), timeout=10, message="the relay to count as stalled")
+        svc.bus.publish(drift(score=0.2))
+        svc.consumer.poll(block_ms=10)
+        svc.evaluate_due()
+        [rec] = records(svc)
+        assert pipeline_fields(redis_client, keys, rec)["enqueued_by"] == "worker-1"
+        wait_for(lambda: svc.relay.stalled_for() > 2.0, timeout=10, message="the relay to count as stuck")
+        svc.relay._started_at -= 10  # past the restart delay
+        assert svc.relay.ensure_running() and svc.relay.pid != first
+        wait_for(lambda: not os.path.exists(f"/proc/{first}") or open(f"/proc/{first}/stat").read().split()[2] == "Z",
+                 timeout=10, message="the stuck relay to be killed")
+        wait_for(svc.relay.ready, timeout=120, message="the new relay to be ready")
+
     def test_a_relay_that_dies_starting_is_noticed_and_restarted_with_backoff(self):
         """A relay that cannot start is reported at once (not after the start timeout), and restarts back off."""
         relay = RelayProcess(object(), "broken:relay")  # no settings: the child dies reading them

@@ -13,8 +13,9 @@ broker). In the relay it runs on another core while the loop reads the next batc
 
 At least once, never lost: an entry popped by a relay that dies before the enqueue stays in the
 outbox, and the decision service's outbox replay (which publishes ``retrain.decided`` first)
-enqueues it after ``OUTBOX_GRACE_S``; the decision service also restarts a relay process that
-died, backing off while it keeps dying. An entry enqueued twice (a replay
+enqueues it after ``OUTBOX_GRACE_S``. The decision service hands nothing to a relay whose loop
+stalled (it enqueues by itself meanwhile), kills one stuck for ``STUCK_AFTER_S``, and restarts a
+relay process that died, backing off while it keeps dying. An entry enqueued twice (a replay
 racing a stalled relay) is harmless: the pipeline's task ids are deterministic and every step is
 idempotent by pipeline id and step.
 """
@@ -45,6 +46,10 @@ RESTART_MAX_S = 300.0
 """... up to this."""
 HEALTHY_AFTER_S = 60.0
 """A relay that has run this long resets the restart backoff."""
+STALLED_AFTER_S = 5.0
+"""A relay whose loop has not come round for this long is not handed new pipelines (the loop enqueues them) ..."""
+STUCK_AFTER_S = 60.0
+"""... and after this long it is killed and restarted."""
 START_TIMEOUT_S = 120.0
 
 
@@ -90,10 +95,15 @@ class EnqueueRelay:
         self.enqueue = enqueue or celery_enqueue
         self.relayed = 0
 
-    def run(self, should_stop: Callable[[], bool]) -> None:
-        """Relay until ``should_stop()``; errors are logged and retried, never fatal."""
+    def run(self, should_stop: Callable[[], bool], heartbeat: Callable[[], None] | None = None) -> None:
+        """Relay until ``should_stop()``; errors are logged and retried, never fatal.
+
+        ``heartbeat`` is called every time round the loop (at least every ``WAIT_S`` while idle).
+        """
         queue = self.keys.enqueue_queue()
         while not should_stop():
+            if heartbeat is not None:
+                heartbeat()
             try:
                 item = self.redis.blpop([queue], timeout=WAIT_S)
                 if item is not None:
@@ -123,10 +133,11 @@ class EnqueueRelay:
         return done
 
 
-def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None) -> None:
+def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None, beat=None) -> None:
     """The relay process: load Celery, say ready, relay until told to stop or the parent is gone.
 
-    ``start_cpu`` (a shared double) receives the CPU seconds the start took (imports, warm-up).
+    ``start_cpu`` (a shared double) receives the CPU seconds the start took (imports, warm-up);
+    ``beat`` (a shared double) the ``time.monotonic()`` of the loop's latest round.
     """
     from config.keys import keys_from_settings
     from config.logs import configure_logging
@@ -148,7 +159,12 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
         start_cpu.value = time.process_time()
     ready.set()
     log.info("decision.relay_started", relay=name, pid=os.getpid())
-    relay.run(lambda: bool(terminating) or stop.is_set() or os.getppid() != parent_pid)
+
+    def heartbeat() -> None:
+        if beat is not None:
+            beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the host
+
+    relay.run(lambda: bool(terminating) or stop.is_set() or os.getppid() != parent_pid, heartbeat)
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
 
 
@@ -167,6 +183,7 @@ class RelayProcess:
         self._stop = None
         self._ready = None
         self._start_cpu = None
+        self._beat = None
         self._start_cpu_before = 0.0
         self._started_at = 0.0
         self._failures = 0
@@ -183,9 +200,15 @@ class RelayProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.is_alive()
 
+    def stalled_for(self) -> float:
+        """Seconds since the relay's loop last came round (0 while it is starting)."""
+        if self._beat is None or not self._ready.is_set():
+            return 0.0
+        return max(0.0, time.monotonic() - self._beat.value)
+
     def ready(self) -> bool:
-        """Alive and done loading Celery: entries queued now are enqueued in milliseconds."""
-        return self.alive() and self._ready.is_set()
+        """Alive, done loading Celery and going round its loop: entries queued now are enqueued in milliseconds."""
+        return self.alive() and self._ready.is_set() and self.stalled_for() < STALLED_AFTER_S
 
     def start(self, wait: bool = True) -> bool:
         """Start the relay process; with ``wait``, until it has loaded Celery (or died). Returns whether it is ready."""
@@ -194,9 +217,10 @@ class RelayProcess:
         # Kept on self: the child unpickles them after start() returns.
         self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
         self._start_cpu = self._ctx.Value("d", 0.0, lock=False)
+        self._beat = self._ctx.Value("d", time.monotonic(), lock=False)
         self._proc = self._ctx.Process(target=relay_main, name="enqueue-relay", daemon=True,
                                        args=(self.settings, self.name, self._stop, self._ready, os.getpid(),
-                                             self._start_cpu))
+                                             self._start_cpu, self._beat))
         self._proc.start()
         self._started_at = time.monotonic()
         if not wait:
@@ -213,9 +237,14 @@ class RelayProcess:
             return False
         now = time.monotonic()
         if self._proc.is_alive():
-            if self._failures and now - self._started_at > HEALTHY_AFTER_S:
-                self._failures = 0
-            return False
+            stalled = self.stalled_for()
+            if stalled < STUCK_AFTER_S:
+                if self._failures and now - self._started_at > HEALTHY_AFTER_S:
+                    self._failures = 0
+                return False
+            log.error("decision.relay_stuck", relay=self.name, pid=self._proc.pid, stalled_s=round(stalled, 1))
+            self._proc.kill()
+            self._proc.join(5)
         delay = min(RESTART_MAX_S, RESTART_AFTER_S * 2 ** self._failures)
         if now - self._started_at < delay:
             return False
