@@ -269,15 +269,16 @@ class DecisionService:
         """Get ready before the first event: what the first enqueue would load, then freeze the heap.
 
         With a relay, start its process and wait until it has loaded Celery (the loop itself then
-        enqueues only on an outbox replay, and loads Celery then). ``gc.freeze()`` moves every
+        enqueues only while the relay is down or on an outbox replay, and loads Celery then); if
+        the relay does not come up, load Celery here. ``gc.freeze()`` moves every
         object alive now (Celery, the tasks, scikit-learn and pandas imported by them) out of
         the collector's reach: a full collection then walks only what the service allocated
         since, instead of stalling a round for ~30 ms.
         """
-        if self.relay is not None:
-            if not self.relay.alive() and not self.relay.start(wait=True):
-                log.warning("decision.relay_not_ready", relay=self.relay.name)
-        elif self._warm_up is not None:
+        relay_ready = self.relay is not None and (self.relay.alive() or self.relay.start(wait=True))
+        if self.relay is not None and not relay_ready:
+            log.warning("decision.relay_not_ready", relay=self.relay.name)  # the loop enqueues meanwhile
+        if not relay_ready and self._warm_up is not None:
             try:
                 self._warm_up()
             except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
@@ -335,6 +336,8 @@ class DecisionService:
     def _evaluate(self, states: dict[str, StoredState], now: float, token: str | None = None,
                   policies: dict[str, Any] | None = None) -> int:
         when = datetime.fromtimestamp(now, timezone.utc)
+        if policies is None:
+            policies = self._policies(list(states))
         pipe = self.redis.pipeline(transaction=True)
         events: list[CloudEvent] = []
         alerts: list[CloudEvent] = []
@@ -342,7 +345,7 @@ class DecisionService:
         finished: list[StoredState] = []
         made = 0
         for model, state in states.items():
-            policy = policies[model] if policies is not None and model in policies else self._policies([model])[model]
+            policy = policies[model]
             if isinstance(policy, Exception):  # an unreadable policy file stops this model only
                 self._evaluation_failed(pipe, state, policy, now, alerts, alerted=state.failing)
                 continue
