@@ -39,7 +39,7 @@ from config.keys import Keys
 log = structlog.get_logger(__name__)
 
 WAIT_S = 0.5
-"""How long one BRPOP waits before the relay checks whether to stop."""
+"""How long one BLPOP waits before the relay checks whether to stop."""
 RESTART_AFTER_S = 5.0
 """A relay process that died is restarted after this long, doubling while restarts keep dying ..."""
 RESTART_MAX_S = 300.0
