@@ -283,3 +283,55 @@ class TestRelaySafety:
         """An entry that is not [model, pipeline id] does not stop the relay."""
         relay = EnqueueRelay(redis_client, keys, "relay-x")
         assert relay.relay(b"not json") is False and relay.relay(b'{"a": 1}') is False
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) child processes of ``pid``, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _relay_of(worker) -> int:
+    def find():
+        for child in _children(worker.proc.pid):
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"multiprocessing" in f.read():
+                    return child
+        return None
+    return wait_for(find, timeout=60, message=f"the relay process of {worker.name}")
+
+
+@pytest.mark.slow
+class TestRelayInACeleryWorker:
+    def test_a_stopping_worker_takes_its_relay_with_it(self, start_worker, tmp_path):
+        """SIGTERM to a decision worker (as a service manager sends it) leaves no relay process behind."""
+        worker = start_worker("decision", env={"RETRAIN_POLICY_DIR": str(write_policy(tmp_path / "policies"))})
+        relay = _relay_of(worker)
+        worker.stop()
+        wait_for(lambda: _gone(relay), timeout=15, message="the relay to exit with its worker")
+
+    def test_a_relay_whose_worker_was_killed_exits(self, start_worker, tmp_path):
+        """SIGKILL of the worker's main process alone: its relay notices the parent is gone and exits."""
+        worker = start_worker("decision", env={"RETRAIN_POLICY_DIR": str(write_policy(tmp_path / "policies"))})
+        relay = _relay_of(worker)
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        worker.proc.wait(15)
+        wait_for(lambda: _gone(relay), timeout=15, message="the orphaned relay to exit")
