@@ -487,8 +487,8 @@ class DecisionStore:
         """The outbox record to enqueue, with the model's enqueue lock taken by ``owner``; else ``None``.
 
         ``None`` when the pipeline was enqueued already, no longer holds its model's slot (its
-        entry is dropped) or another enqueuer holds the lock. Release with :meth:`enqueued` or
-        :meth:`release_enqueue`.
+        entry is dropped) or another enqueuer holds the lock. Release the lock with
+        :meth:`release_enqueue` once the enqueue is done (or failed).
         """
         raw = self.redis.eval(CLAIM_ENQUEUE, 3, self.keys.enqueue_outbox(), self.keys.lock(model, "enqueue"),
                               self.keys.guard(model), pipeline_id, owner, ttl_ms)
