@@ -305,8 +305,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="decision service processes in the consumer group")
     parser.add_argument("--no-relay", action="store_true",
                         help="enqueue pipelines from the decision loop itself, not from its relay process")
+    parser.add_argument("--sweep", default="",
+                        help="also run the latency phase at these rates (comma-separated, events/s) and report "
+                             "the highest whose p99 is within the bar: the capacity, comparable across machines "
+                             "where the bar's rate saturates the worker")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    sweep = sorted({int(r) for r in args.sweep.split(",") if r.strip()})
     # Each phase on its own fresh Redis: the throughput phase leaves ~1 GB of writes whose AOF
     # rewrite and fsyncs would otherwise land in the middle of the latency phase.
     with tempfile.TemporaryDirectory() as d:
@@ -316,6 +321,11 @@ def main() -> None:
             tp = bench_throughput(server.url, folder, args.events, args.workers, not args.no_relay)
         with private_redis() as server:
             lat = bench_latency(server.url, folder, args.rate, args.seconds, args.workers, not args.no_relay)
+        swept = {}
+        for rate in sweep:
+            with private_redis() as server:
+                r = bench_latency(server.url, folder, rate, args.seconds, args.workers, not args.no_relay)
+                swept[rate] = {"p50_ms": r["latency_p50_ms"], "p99_ms": r["latency_p99_ms"]}
         with private_redis() as server:
             celery_rate = bench_celery_baseline(server.url, args.celery_events)
     result = {"benchmark": "decision_throughput", "models": MODELS, "workers": args.workers,
@@ -325,6 +335,10 @@ def main() -> None:
               "ratio_vs_celery": round(tp["events_per_s"] / celery_rate, 1),
               "bar_events_per_s": 20_000, "bar_p99_ms_at_5000_per_s": 50,
               "meets_bar": tp["events_per_s"] >= 20_000 and (lat["latency_p99_ms"] or 1e9) <= 50}
+    if sweep:
+        within = [rate for rate, r in swept.items() if (r["p99_ms"] or 1e9) <= 50]
+        result["latency_sweep"] = {str(rate): r for rate, r in swept.items()}
+        result["latency_capacity_events_per_s"] = max(within, default=None)
     emit(result, args.json)
 
 
