@@ -121,6 +121,49 @@ class TestRelayProcess:
                  timeout=10, message="the stuck relay to be killed")
         wait_for(svc.relay.ready, timeout=120, message="the new relay to be ready")
 
+    def test_the_heartbeat_is_fresh_when_the_relay_says_ready(self, make_service):
+        """A relay beats as it becomes ready (not only later in its loop): a slow start is never taken for a stall."""
+        svc = make_service()
+        relay = RelayProcess(svc.settings, "beat:relay")
+        relay.start(wait=False)
+        relay._stop.set()  # its loop ends before it would beat: only the beat at ready remains
+        relay._proc.join(120)
+        assert relay._ready.is_set() and relay._proc.exitcode == 0
+        assert relay._beat.value - relay._started_at > 0.2  # stamped after loading Celery, not at the spawn
+
+    def test_a_relay_that_never_comes_up_is_killed(self, make_service, monkeypatch):
+        """Alive but not ready past the start timeout (hung while starting): killed, then restarted after the backoff."""
+        import workers.decision.relay as relay_module
+
+        svc = make_service()
+        svc.relay.start(wait=False)
+        proc = svc.relay._proc
+        monkeypatch.setattr(relay_module, "START_TIMEOUT_S", 0.05)
+        time.sleep(0.1)
+        assert not svc.relay._ready.is_set()  # still importing Celery
+        assert svc.relay.ensure_running() is False  # killed; the restart waits for the backoff
+        assert not proc.is_alive()
+
+    def test_a_relay_that_cannot_be_spawned_does_not_stop_the_loop(self, make_service, redis_client, keys, monkeypatch):
+        """Spawning fails (no processes or file descriptors left): warm-up and rounds go on, the loop enqueues by itself."""
+        svc = make_service()
+
+        def no_process(*args, **kwargs):
+            raise OSError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(svc.relay._ctx, "Process", no_process)
+        svc.warm_up()
+        svc.bus.publish(drift(score=0.2))
+        step(svc)
+        [rec] = records(svc)
+        assert pipeline_fields(redis_client, keys, rec)["enqueued_by"] == "worker-1"
+        svc.relay._started_at -= 10
+        assert svc.relay.ensure_running() is False and svc.relay.restarts == 1  # failed again: logged
+        monkeypatch.undo()  # processes can be spawned again
+        svc.relay._started_at -= 20  # past the doubled backoff
+        assert svc.relay.ensure_running() is True and svc.relay.restarts == 2
+        wait_for(svc.relay.ready, timeout=120, message="the relay to come up at last")
+
     def test_a_relay_that_dies_starting_is_noticed_and_restarted_with_backoff(self):
         """A relay that cannot start is reported at once (not after the start timeout), and restarts back off."""
         relay = RelayProcess(object(), "broken:relay")  # no settings: the child dies reading them

@@ -141,7 +141,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     """
     from config.keys import keys_from_settings
     from config.logs import configure_logging
-    from workers.connections import get_redis
+    from workers.connections import redis_url
 
     # The relay shares the worker's process group: Ctrl-C and a service manager's SIGTERM reach
     # it too. It finishes the pipeline in hand and stops (SIGTERM), or leaves stopping to the
@@ -150,19 +150,23 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: terminating.append(signum))
     configure_logging(settings.log_level, settings.log_format, force=True)
-    relay = EnqueueRelay(get_redis(settings), keys_from_settings(settings), name)
+    # A socket timeout: a half-open connection must not hold BLPOP (and the stop checks) forever.
+    client = redis.Redis.from_url(redis_url(settings), socket_timeout=WAIT_S + 10, socket_keepalive=True,
+                                  health_check_interval=30)
+    relay = EnqueueRelay(client, keys_from_settings(settings), name)
     try:
         warm_up_celery()
     except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
         log.warning("decision.relay_warm_up_failed", error=str(exc))
-    if start_cpu is not None:
-        start_cpu.value = time.process_time()
-    ready.set()
-    log.info("decision.relay_started", relay=name, pid=os.getpid())
-
     def heartbeat() -> None:
         if beat is not None:
             beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the host
+
+    if start_cpu is not None:
+        start_cpu.value = time.process_time()
+    heartbeat()  # before ready: a start that took long is not a stall
+    ready.set()
+    log.info("decision.relay_started", relay=name, pid=os.getpid())
 
     relay.run(lambda: bool(terminating) or stop.is_set() or os.getppid() != parent_pid, heartbeat)
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
@@ -187,6 +191,7 @@ class RelayProcess:
         self._start_cpu_before = 0.0
         self._started_at = 0.0
         self._failures = 0
+        self._stopped = False
         self.restarts = 0
 
     @property
@@ -212,17 +217,18 @@ class RelayProcess:
 
     def start(self, wait: bool = True) -> bool:
         """Start the relay process; with ``wait``, until it has loaded Celery (or died). Returns whether it is ready."""
+        self._stopped = False
         if self._start_cpu is not None:
             self._start_cpu_before += self._start_cpu.value
         # Kept on self: the child unpickles them after start() returns.
         self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
         self._start_cpu = self._ctx.Value("d", 0.0, lock=False)
         self._beat = self._ctx.Value("d", time.monotonic(), lock=False)
+        self._started_at = time.monotonic()  # before the spawn: a spawn that fails counts as an attempt
         self._proc = self._ctx.Process(target=relay_main, name="enqueue-relay", daemon=True,
                                        args=(self.settings, self.name, self._stop, self._ready, os.getpid(),
                                              self._start_cpu, self._beat))
         self._proc.start()
-        self._started_at = time.monotonic()
         if not wait:
             return False
         deadline = self._started_at + START_TIMEOUT_S
@@ -232,29 +238,38 @@ class RelayProcess:
         return True
 
     def ensure_running(self) -> bool:
-        """Restart a relay process that died, after a backoff; return whether it was restarted now."""
-        if self._proc is None:
+        """Restart a relay process that died, is stuck or never came up, after a backoff; return whether
+        it was restarted now. Never raises (it runs in the decision loop)."""
+        if self._stopped or not self._started_at:  # stopped on purpose, or never asked to start
             return False
         now = time.monotonic()
-        if self._proc.is_alive():
+        if self._proc is not None and self._proc.is_alive():
             stalled = self.stalled_for()
-            if stalled < STUCK_AFTER_S:
+            starting_too_long = not self._ready.is_set() and now - self._started_at > START_TIMEOUT_S
+            if stalled < STUCK_AFTER_S and not starting_too_long:
                 if self._failures and now - self._started_at > HEALTHY_AFTER_S:
                     self._failures = 0
                 return False
-            log.error("decision.relay_stuck", relay=self.name, pid=self._proc.pid, stalled_s=round(stalled, 1))
+            log.error("decision.relay_stuck", relay=self.name, pid=self._proc.pid, stalled_s=round(stalled, 1),
+                      ready=self._ready.is_set())
             self._proc.kill()
             self._proc.join(5)
         delay = min(RESTART_MAX_S, RESTART_AFTER_S * 2 ** self._failures)
         if now - self._started_at < delay:
             return False
-        log.error("decision.relay_died", relay=self.name, exitcode=self._proc.exitcode, restarts=self.restarts + 1)
+        log.error("decision.relay_died", relay=self.name, restarts=self.restarts + 1,
+                  exitcode=self._proc.exitcode if self._proc is not None else "never started")
         self._failures += 1
         self.restarts += 1
-        self.start(wait=False)
+        try:
+            self.start(wait=False)
+        except Exception as exc:  # noqa: BLE001 - no process, no file descriptors: retried after the backoff
+            log.error("decision.relay_start_failed", relay=self.name, error=f"{type(exc).__name__}: {exc}")
+            return False
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopped = True
         if self._proc is None:
             return
         self._stop.set()

@@ -275,7 +275,12 @@ class DecisionService:
         the collector's reach: a full collection then walks only what the service allocated
         since, instead of stalling a round for ~30 ms.
         """
-        relay_ready = self.relay is not None and (self.relay.alive() or self.relay.start(wait=True))
+        relay_ready = False
+        if self.relay is not None:
+            try:
+                relay_ready = self.relay.alive() or self.relay.start(wait=True)
+            except Exception as exc:  # noqa: BLE001 - cannot spawn: the loop enqueues, the rounds retry
+                log.error("decision.relay_start_failed", relay=self.relay.name, error=f"{type(exc).__name__}: {exc}")
         if self.relay is not None and not relay_ready:
             log.warning("decision.relay_not_ready", relay=self.relay.name)  # the loop enqueues meanwhile
         if not relay_ready and self._warm_up is not None:
@@ -293,10 +298,14 @@ class DecisionService:
     def after_batch(self) -> None:
         """Evaluate every model that is due (the batch's models were made due when it was recorded)."""
         now = time.time()
-        self.evaluate_due(now)
-        self.replay_outbox(now)
-        if self.relay is not None:
-            self.relay.ensure_running()
+        try:
+            self.evaluate_due(now)
+        finally:  # a round that fails must not stop the safety nets
+            try:
+                self.replay_outbox(now)
+            finally:
+                if self.relay is not None:
+                    self.relay.ensure_running()
 
     def evaluate_due(self, now: float | None = None) -> int:
         """Evaluate (up to ``MAX_DUE_PER_ROUND``) due models; return the number of decisions made."""
