@@ -36,9 +36,18 @@ def redis_url(settings: Settings | None = None) -> str:
     )
 
 
+def new_redis(settings: Settings | None = None, *, socket_timeout: float | None = None) -> redis.Redis:
+    """A client of its own (not shared), with the connection options every client here uses."""
+    return _new(redis_url(settings), socket_timeout)
+
+
+def _new(url: str, socket_timeout: float | None = None) -> redis.Redis:
+    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True, socket_timeout=socket_timeout)
+
+
 @lru_cache(maxsize=8)
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, health_check_interval=30, socket_keepalive=True)
+    return _new(url)
 
 
 def get_redis(settings: Settings | None = None) -> redis.Redis:

@@ -141,7 +141,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     """
     from config.keys import keys_from_settings
     from config.logs import configure_logging
-    from workers.connections import redis_url
+    from workers.connections import new_redis
 
     # The relay shares the worker's process group: Ctrl-C and a service manager's SIGTERM reach
     # it too. It finishes the pipeline in hand and stops (SIGTERM), or leaves stopping to the
@@ -151,9 +151,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     signal.signal(signal.SIGTERM, lambda signum, frame: terminating.append(signum))
     configure_logging(settings.log_level, settings.log_format, force=True)
     # A socket timeout: a half-open connection must not hold BLPOP (and the stop checks) forever.
-    client = redis.Redis.from_url(redis_url(settings), socket_timeout=WAIT_S + 10, socket_keepalive=True,
-                                  health_check_interval=30)
-    relay = EnqueueRelay(client, keys_from_settings(settings), name)
+    relay = EnqueueRelay(new_redis(settings, socket_timeout=WAIT_S + 10), keys_from_settings(settings), name)
     try:
         warm_up_celery()
     except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
