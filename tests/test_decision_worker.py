@@ -279,7 +279,7 @@ class TestEnqueueOutbox:
         step(svc)
         [rec] = records(svc)
         assert rec["action"] == "start" and queued(redis_client, "training.low") == 0
-        assert svc.store.holds_slot("churn", rec["pipeline_id"])
+        assert redis_client.hget(keys.guard("churn"), "in_flight").decode() == rec["pipeline_id"]
         assert set(svc.store.outbox()) == {rec["pipeline_id"]}
         later = time.time() + OUTBOX_GRACE_S + 1
         assert svc.replay_outbox(later) == 0  # still down: kept
@@ -359,10 +359,14 @@ class TestStaleSlot:
         svc.bus.publish(drift(score=0.5))
         step(svc)
         [rec] = records(svc) or [None]
+
+        def in_flight():
+            return redis_client.hget(keys.guard("churn"), "in_flight").decode()
+
         if cleared:
-            assert rec["action"] == "start" and svc.store.holds_slot("churn", rec["pipeline_id"])
+            assert rec["action"] == "start" and in_flight() == rec["pipeline_id"]
         else:
-            assert rec is None and svc.store.holds_slot("churn", "p-old")
+            assert rec is None and in_flight() == "p-old"
             assert redis_client.hget(keys.guard("churn"), "follow_up") == b"1"
 
 

@@ -513,9 +513,6 @@ class DecisionStore:
         pipe.hdel(k.enqueue_outbox(), record["pipeline_id"])
         pipe.execute()
 
-    def holds_slot(self, model: str, pipeline_id: str) -> bool:
-        return _str(self.redis.hget(self.keys.guard(model), "in_flight") or b"") == pipeline_id
-
     def release(self, model: str, pipeline_id: str, now: float | None = None) -> int:
         """Free the model's single-flight slot if ``pipeline_id`` holds it; re-arm a follow-up.
 
