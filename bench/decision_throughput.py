@@ -296,6 +296,17 @@ def bench_celery_baseline(url: str, n: int) -> float:
         return bench_celery(url, n, state)
 
 
+def _rates(text: str) -> list[int]:
+    """``--sweep``'s rates: positive integers, comma-separated."""
+    try:
+        rates = sorted({int(r) for r in text.split(",") if r.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rates like 1500,2500, got {text!r}") from None
+    if any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive, got {text!r}")
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000)
@@ -305,13 +316,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="decision service processes in the consumer group")
     parser.add_argument("--no-relay", action="store_true",
                         help="enqueue pipelines from the decision loop itself, not from its relay process")
-    parser.add_argument("--sweep", default="",
+    parser.add_argument("--sweep", type=_rates, default=[],
                         help="also run the latency phase at these rates (comma-separated, events/s) and report "
                              "the highest whose p99 is within the bar: the capacity, comparable across machines "
                              "where the bar's rate saturates the worker")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    sweep = sorted({int(r) for r in args.sweep.split(",") if r.strip()})
+    sweep = args.sweep
     # Each phase on its own fresh Redis: the throughput phase leaves ~1 GB of writes whose AOF
     # rewrite and fsyncs would otherwise land in the middle of the latency phase.
     with tempfile.TemporaryDirectory() as d:
