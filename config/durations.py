@@ -25,7 +25,10 @@ def parse_duration(value: Any) -> timedelta:
     if isinstance(value, (int, float)):
         if value < 0:
             raise ValueError(f"duration must not be negative: {value!r}")
-        return timedelta(seconds=value)
+        try:
+            return timedelta(seconds=value)
+        except (OverflowError, ValueError):  # 1e300, inf, nan
+            raise ValueError(f"duration {value!r} is out of range") from None
     if not isinstance(value, str):
         raise ValueError(f"not a duration: {value!r}")
     text = value.strip().lower().replace(" ", "")
@@ -37,7 +40,10 @@ def parse_duration(value: Any) -> timedelta:
         pos = match.end()
     if not text or pos != len(text):
         raise ValueError(f"bad duration {value!r}: use a number and a unit, like '90s', '15m', '2h', '7d'")
-    return timedelta(seconds=seconds)
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"duration {value!r} is too long") from None
 
 
 def format_duration(value: timedelta) -> str:

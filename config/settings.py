@@ -10,10 +10,10 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from config.durations import Duration
+from config.durations import Duration, format_duration
 
 DEFAULT_TRUSTED_PREFIXES = (
     "sklearn.",
@@ -21,6 +21,16 @@ DEFAULT_TRUSTED_PREFIXES = (
     "scipy.",
     "collections.",
 )
+
+
+_MINIMUMS = {
+    "bus_claim_idle": timedelta(seconds=1),  # below, live consumers' batches are taken from under them
+    "dedup_retention": timedelta(minutes=1),
+    "stream_retention": timedelta(minutes=1),
+    "visibility_timeout": timedelta(seconds=10),  # task time limits sit below it (celery_config)
+    "rollout_tick": timedelta(milliseconds=100),
+    "housekeeping_interval": timedelta(seconds=1),
+}
 
 
 class Settings(BaseSettings):
@@ -78,6 +88,38 @@ class Settings(BaseSettings):
     # Logging.
     log_level: str = "INFO"
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
+
+    @field_validator("bus_claim_idle", "dedup_retention", "stream_retention", "visibility_timeout",
+                     "rollout_tick", "housekeeping_interval")
+    @classmethod
+    def _at_least(cls, value: timedelta, info) -> timedelta:
+        """Floors below which the setting breaks a guarantee rather than tunes it (see the README's table)."""
+        floor = _MINIMUMS[info.field_name]
+        if value < floor:
+            raise ValueError(f"must be at least {floor.total_seconds():g}s")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"unknown log level {value!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        # A redelivered entry is reclaimed after bus_claim_idle, up to bus_max_deliveries times:
+        # its id must still be remembered then, or its effect happens twice.
+        redelivery = self.bus_claim_idle * (self.bus_max_deliveries + 1)
+        if self.dedup_retention < redelivery:
+            raise ValueError(
+                f"RETRAIN_DEDUP_RETENTION ({format_duration(self.dedup_retention)}) must cover an entry's "
+                f"redeliveries: at least RETRAIN_BUS_CLAIM_IDLE x (RETRAIN_BUS_MAX_DELIVERIES + 1) = "
+                f"{format_duration(redelivery)}")
+        if self.rollout_tick >= self.visibility_timeout:
+            raise ValueError(f"RETRAIN_ROLLOUT_TICK ({format_duration(self.rollout_tick)}) must be shorter than "
+                             f"RETRAIN_VISIBILITY_TIMEOUT ({format_duration(self.visibility_timeout)})")
+        return self
 
     @property
     def artifact_dir(self) -> Path:

@@ -100,6 +100,10 @@ class TestSettingsAndConnection:
         line = assert_one_line(out, 2, "RETRAIN_STREAM_SHARDS", "invalid setting")
         assert "Redis" not in line
 
+    def test_inconsistent_settings_are_one_line_naming_them(self, redis_env):
+        out = run("status", env={**redis_env, "RETRAIN_DEDUP_RETENTION": "1m", "RETRAIN_BUS_CLAIM_IDLE": "30s"})
+        assert_one_line(out, 2, "invalid setting", "RETRAIN_DEDUP_RETENTION (1m)", "RETRAIN_BUS_CLAIM_IDLE")
+
     def test_an_unparsable_setting_names_the_variable(self, redis_env):
         out = run("status", env={**redis_env, "RETRAIN_TRUSTED_PREFIXES": "not json"})
         assert_one_line(out, 2, "invalid setting RETRAIN_TRUSTED_PREFIXES")

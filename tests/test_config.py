@@ -26,7 +26,8 @@ class TestDurations:
         """Operator-style durations parse to the right number of seconds."""
         assert parse_duration(text).total_seconds() == seconds
 
-    @pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1h 2q", -3, True, None])
+    @pytest.mark.parametrize("bad", ["", "5", "5x", "m5", "1h 2q", -3, True, None, "99999999999d", 1e300,
+                                     float("inf"), float("nan")])
     def test_bad_durations_are_refused(self, bad):
         """Anything that is not a number followed by a unit is an error, never a silent default."""
         with pytest.raises(ValueError):
@@ -174,3 +175,26 @@ class TestSettings:
         structlog.get_logger("t").info("connect", password="hunter2", api_token="abc", model="m")
         err = capsys.readouterr().err
         assert "hunter2" not in err and "abc" not in err and '"model": "m"' in err
+
+    @pytest.mark.parametrize("env, reason", [
+        ({"RETRAIN_LOG_LEVEL": "verbose"}, "unknown log level 'verbose'"),
+        ({"RETRAIN_BUS_CLAIM_IDLE": "0s"}, "must be at least 1s"),
+        ({"RETRAIN_VISIBILITY_TIMEOUT": "2s"}, "must be at least 10s"),
+        ({"RETRAIN_DEDUP_RETENTION": "2m"}, "must cover an entry's redeliveries"),
+        ({"RETRAIN_ROLLOUT_TICK": "3h"}, "must be shorter than RETRAIN_VISIBILITY_TIMEOUT"),
+        ({"RETRAIN_STREAM_RETENTION": "99999999999d"}, "too long"),
+    ])
+    def test_settings_that_would_break_a_guarantee_are_refused(self, monkeypatch, env, reason):
+        """A claim idle of 0 s (live batches stolen), a dedup window shorter than the redeliveries, an
+        unknown log level: refused when the settings are read, with the reason."""
+        from pydantic import ValidationError
+
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError) as info:
+            Settings()
+        assert reason in str(info.value)
+
+    def test_log_level_is_case_insensitive(self, monkeypatch):
+        monkeypatch.setenv("RETRAIN_LOG_LEVEL", "debug")
+        assert Settings().log_level == "DEBUG"

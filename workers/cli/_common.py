@@ -84,8 +84,9 @@ def settings_problem(exc: BaseException) -> str | None:
     if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
         parts = []
         for err in exc.errors():
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            parts.append(f"{prefix}{field.upper()}: {one_line(err['msg'].removeprefix('Value error, '))}")
+            message = one_line(err["msg"].removeprefix("Value error, "))
+            # A check across settings has no location: its message names the variables itself.
+            parts.append(f"{prefix}{str(err['loc'][0]).upper()}: {message}" if err["loc"] else message)
         return "invalid setting " + "; ".join(parts)
     if isinstance(exc, SettingsError):
         found = _SETTINGS_FIELD.search(str(exc))
