@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from events.envelope import MODEL_NAME_PATTERN, CloudEvent, EventError, new_event
+from events.envelope import MODEL_NAME_PATTERN, CloudEvent, EventError, new_event, utf8_size
 
 ALERTMANAGER_SOURCE = "urn:retrain:adapter:alertmanager"
 EVIDENTLY_SOURCE = "urn:retrain:adapter:evidently"
@@ -187,9 +187,16 @@ def _alert_fingerprint(alert: _Alert) -> str:
     return hashlib.sha256(json.dumps(sorted(alert.labels.items())).encode()).hexdigest()[:16]
 
 
-def alertmanager_event_id(alert_fingerprint: str, starts_at: str, model: str, signal: str) -> str:
-    """The deterministic id of the event of one firing alert."""
-    key = f"{alert_fingerprint}|{starts_at}|{model}|{signal}"
+def alertmanager_event_id(alert_fingerprint: str, starts_at: str, model: str, signal: str,
+                          data: Mapping[str, Any] | None = None) -> str:
+    """The deterministic id of the event of one firing alert with the values it carries.
+
+    Alertmanager re-sends a firing alert on every group and repeat interval: the same values
+    give the same id (the bus applies them once), while a firing alert whose values changed
+    (a drift score that rose, a drop that now has enough labels) is a new event.
+    """
+    values = json.dumps(data or {}, sort_keys=True, separators=(",", ":"), default=str)
+    key = f"{alert_fingerprint}|{starts_at}|{model}|{signal}|{values}"
     return "am-" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
@@ -245,6 +252,7 @@ def alertmanager_events(payload: Any, *, source: str = ALERTMANAGER_SOURCE,
                 raise _Unmappable(f"'signal' label is {signal or 'missing'!r}; use one of {', '.join(SIGNALS)}")
             fields = _Fields(alert, signal)
             data = _alert_data(signal, fields, alert)
+            event_id = alertmanager_event_id(fingerprint, alert.startsAt, model, signal, data)  # before the metadata
             data["alert"] = {
                 k: v for k, v in {
                     "alertname": name, "fingerprint": fingerprint, "starts_at": alert.startsAt,
@@ -254,10 +262,10 @@ def alertmanager_events(payload: Any, *, source: str = ALERTMANAGER_SOURCE,
             }
             event = new_event(
                 SIGNALS[signal], model, data, source=source,
-                id=alertmanager_event_id(fingerprint, alert.startsAt, model, signal),
+                id=event_id,
                 time=_parse_time(alert.startsAt),
             )
-            if max_event_bytes is not None and len(event.to_json()) > max_event_bytes:
+            if max_event_bytes is not None and utf8_size(event.to_json()) > max_event_bytes:
                 raise _Unmappable(f"event is over the limit of {max_event_bytes} bytes")
         except (_Unmappable, EventError) as exc:
             result.rejected.append({"index": index, "alertname": name, "fingerprint": fingerprint, "reason": str(exc)})
@@ -375,7 +383,7 @@ def summarize_evidently(report: Any) -> _DriftSummary:
             elif "value" in metric:
                 kind, params = _metric_kind(metric)
                 _read_snapshot(kind, params, metric["value"], summary)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int() of an infinity
             raise AdapterError(f"unreadable Evidently metric {_metric_kind(metric)[0] or '?'}: {exc}") from None
     if summary.share is None:
         if summary.drifted is not None and summary.columns:

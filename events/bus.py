@@ -38,7 +38,7 @@ import redis
 import structlog
 
 from config.keys import Keys
-from events.envelope import CloudEvent, EventError, parse_event, stream_json
+from events.envelope import CloudEvent, EventError, parse_event, stream_json, utf8_size
 
 log = structlog.get_logger(__name__)
 
@@ -204,8 +204,8 @@ class EventBus:
             try:
                 event = item if isinstance(item, CloudEvent) else parse_event(item, max_bytes=max_bytes)
                 payload = stream_json(event)
-                if len(payload) > max_bytes:
-                    raise EventError(f"event is {len(payload)} bytes, over the limit of {max_bytes}")
+                if len(payload) > max_bytes // 4 and (size := utf8_size(payload)) > max_bytes:
+                    raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
             except EventError as exc:
                 result.rejected.append((index, str(exc)))
                 continue
@@ -294,14 +294,14 @@ class EventBus:
     # --- dead letters ------------------------------------------------------------------
     def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
         entries = self.redis.xrevrange(self.keys.dead_letters(), count=count)
-        return [{"id": _s(eid), **{_s(k): _s(v) for k, v in fields.items()}} for eid, fields in entries]
+        return [{"id": _s(eid), **{_text(k): _text(v) for k, v in fields.items()}} for eid, fields in entries]
 
     def republish_dead_letter(self, entry_id: str, payload: str | None = None) -> str:
         """Validate and publish a dead-lettered payload (or a fixed one), then remove the entry."""
         entries = self.redis.xrange(self.keys.dead_letters(), min=entry_id, max=entry_id)
         if not entries:
             raise KeyError(f"no dead letter with id {entry_id}")
-        original = _s(entries[0][1].get(b"payload", b""))
+        original = entries[0][1].get(b"payload", b"")  # bytes: parse_event reads them as received
         event = parse_event(payload if payload is not None else original, max_bytes=self.max_event_bytes)
         event_id = self.publish(event)
         self.redis.xdel(self.keys.dead_letters(), entry_id)
@@ -310,6 +310,11 @@ class EventBus:
 
 def _s(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _text(value: Any) -> Any:
+    """Bytes as text for people to read: bytes that are not UTF-8 show as escapes, never raise."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else value
 
 
 def _id_tuple(entry_id: str | bytes) -> tuple[int, int]:
@@ -543,7 +548,7 @@ class StreamConsumer:
             for entry_id, fields in items:
                 entry_id = _s(entry_id)
                 if deliveries.get(entry_id, 0) > self.max_deliveries:
-                    payload = _s(fields.get(PAYLOAD_FIELD.encode(), b""))
+                    payload = fields.get(PAYLOAD_FIELD.encode(), b"")  # kept as received
                     self._dead_letter(stream, entry_id, payload,
                                       f"delivered {deliveries[entry_id]} times without success", pipe=pipe)
                     dead += 1
@@ -556,7 +561,7 @@ class StreamConsumer:
             log.info("bus.reclaimed", count=len(claimed), consumer=self.consumer)
         return claimed
 
-    def _dead_letter(self, stream: str, entry_id: str, payload: str, reason: str, pipe=None) -> None:
+    def _dead_letter(self, stream: str, entry_id: str, payload: str | bytes, reason: str, pipe=None) -> None:
         target = pipe if pipe is not None else self.redis.pipeline(transaction=True)
         target.xadd(self.keys.dead_letters(), {
             "reason": reason, "payload": payload, "stream": stream, "entry_id": entry_id,
@@ -585,8 +590,9 @@ class StreamConsumer:
                 append((stream, entry_id, parse_event(raw, max_bytes=max_bytes)))
             except EventError as exc:
                 pipe = pipe or self.redis.pipeline(transaction=False)
-                shown = _s(raw) if raw is not None else json.dumps({_s(k): _s(v) for k, v in _field_dict(fields).items()})
-                self._dead_letter(stream, _s(entry_id), shown, str(exc), pipe=pipe)
+                # The payload as received, bytes that are not UTF-8 included: the dead letter keeps it whole.
+                kept = raw if raw is not None else json.dumps({_text(k): _text(v) for k, v in _field_dict(fields).items()})
+                self._dead_letter(stream, _s(entry_id), kept, str(exc), pipe=pipe)
         if pipe is not None:
             pipe.execute()
         if not valid:

@@ -136,6 +136,13 @@ _NESTING_TO_VERIFY = 150
 """JSON with fewer brackets than this nests less deep than the parser's recursion limit."""
 
 
+def utf8_size(text: str | bytes) -> int:
+    """Bytes that ``text`` takes on the stream (a ``str``'s length counts characters, not bytes)."""
+    if isinstance(text, bytes) or text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def stream_json(event: CloudEvent) -> str:
     """The JSON of ``event`` as written to the stream; raise :class:`EventError` if it would not read back.
 
@@ -164,13 +171,13 @@ def parse_event(raw: bytes | str | dict[str, Any], *, max_bytes: int | None = No
     """
     try:
         if isinstance(raw, (bytes, str)):
-            if max_bytes is not None and len(raw) > max_bytes:
-                raise EventError(f"event is {len(raw)} bytes, over the limit of {max_bytes}")
+            if max_bytes is not None and len(raw) > max_bytes // 4 and (size := utf8_size(raw)) > max_bytes:
+                raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
             event = CloudEvent.model_validate_json(raw)
         elif isinstance(raw, dict):
             event = CloudEvent.model_validate(raw)
             if max_bytes is not None:
-                size = len(stream_json(event))
+                size = utf8_size(stream_json(event))
                 if size > max_bytes:
                     raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
         else:

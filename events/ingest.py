@@ -55,6 +55,8 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
+import re
 from typing import Any
 
 import structlog
@@ -92,15 +94,35 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):  # 1e999: Python's parser makes it an infinity
+        raise ValueError(f"number {text[:40]} is out of range (numbers must be finite)")
+    return value
+
+
 def load_json(body: bytes, *, strict: bool = False) -> Any:
     """Parse a request body; raise ValueError with the reason (never RecursionError).
 
-    ``strict`` refuses the ``NaN``/``Infinity`` literals Python's parser would take.
+    ``strict`` refuses the ``NaN``/``Infinity`` literals Python's parser would take, and
+    numbers too large for a float (``1e999``), which it would read as an infinity.
     """
     try:
-        return json.loads(body, parse_constant=_reject_constant) if strict else json.loads(body)
+        if strict:
+            return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(body)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+_REDIS_REFUSALS = re.compile(r"\b(OOM|READONLY|MISCONF|NOREPLICAS|BUSY|LOADING|WRONGTYPE|NOSCRIPT)\b[^\n]*")
+
+
+def _redis_refusal(exc: Exception) -> str:
+    """The reason Redis gave, without redis-py's pipeline and script wrapping around it."""
+    text = str(exc)
+    found = _REDIS_REFUSALS.search(text)
+    return (found.group(0) if found else text.rsplit("caused error: ", 1)[-1]).strip()[:160]
 
 
 class IngestConfigError(RuntimeError):
@@ -286,6 +308,10 @@ def create_app(
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("ingest.bus_unavailable", error=str(exc))
             return _problem(503, "event bus unavailable; nothing acknowledged, retry")
+        except redis.ResponseError as exc:  # OOM under noeviction, READONLY after a failover
+            reason = _redis_refusal(exc)
+            log.warning("ingest.bus_refused", error=reason)
+            return _problem(503, f"event bus refused the write ({reason}); nothing acknowledged, retry")
         if result.rejected:  # only size checks remain at this point; nothing should land here
             return _problem(400, "event(s) refused by the bus", accepted=result.published,
                             rejected=[{"index": i, "reason": r} for i, r in result.rejected])

@@ -209,6 +209,37 @@ class TestConsumer:
         assert {d["payload"] for d in letters} >= {"{broken"}
         assert redis_client.xpending(keys.events_for("churn"), "g")["pending"] == 0
 
+    def test_an_entry_that_is_not_utf8_is_dead_lettered_whole_and_its_neighbours_proceed(self, bus, redis_client, keys):
+        """Bytes that are not UTF-8 in the stream: a dead letter keeping them as received, the rest applied."""
+        before = new_event("drift.data", "churn", {"drift_score": 0.3})
+        after = new_event("drift.data", "churn", {"drift_score": 0.2})
+        bus.publish(before)
+        bus.publish_raw("churn", b"\xff\xfe{not utf-8")
+        bus.publish(after)
+        c = make_consumer(redis_client, keys)
+        drain(c)
+        assert redis_client.hget(EFFECTS, before.id) == redis_client.hget(EFFECTS, after.id) == b"1"
+        assert redis_client.xpending(keys.events_for("churn"), "g")["pending"] == 0
+        [letter] = bus.dead_letters()
+        assert "malformed JSON" in letter["reason"] or "UTF-8" in letter["reason"]
+        assert letter["payload"] == "\\xff\\xfe{not utf-8"  # shown with escapes
+        raw = redis_client.xrange(keys.dead_letters())[0][1][b"payload"]
+        assert raw == b"\xff\xfe{not utf-8"  # stored as received
+        with pytest.raises(EventError):
+            bus.republish_dead_letter(letter["id"])
+
+    def test_the_size_limit_counts_bytes_at_the_producer_as_at_the_consumer(self, bus, redis_client, keys):
+        """An event of 3,000 two-byte characters is 6,000 bytes: refused at publish, not dead-lettered later."""
+        wide = new_event("retrain.requested", "churn", {"reason": "é" * 3000, "requested_by": "ana"})
+        with pytest.raises(EventError, match=r"event is \d+ bytes, over the limit of 4096"):
+            bus.publish(wide)
+        with pytest.raises(EventError, match="over the limit of 4096"):
+            parse_event(wide.to_json(), max_bytes=4096)
+        fits = new_event("retrain.requested", "churn", {"reason": "é" * 1500, "requested_by": "ana"})
+        bus.publish(fits)  # 3,000 bytes of reason: within the limit
+        drain(make_consumer(redis_client, keys))
+        assert redis_client.hget(EFFECTS, fits.id) == b"1" and bus.dead_letters() == []
+
     def test_duplicate_event_ids_have_one_effect(self, bus, redis_client, keys):
         """The same event id published three times (in one batch and later) is applied once."""
         e = new_event("volume.accumulated", "m", {"new_samples": 5})

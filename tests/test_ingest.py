@@ -318,6 +318,7 @@ class TestBadBodies:
         ("drift.concept", '{"value": Infinity}', "Infinity is not valid JSON"),
         ("drift.concept", '{"value": "Infinity"}', "finite number"),
         ("performance.measured", '{"metric": "accuracy", "value": "NaN", "n_labeled": 500}', "finite number"),
+        ("drift.concept", '{"value": 1e999}', "number 1e999 is out of range"),
     ])
     def test_non_finite_numbers_are_400_with_the_reason(self, etype, data, reason, http, redis_client, keys):
         """NaN/Infinity (as a JSON literal or a string) is refused with 400 and the reason, in structured and binary mode."""
@@ -341,6 +342,24 @@ class TestBadBodies:
         """A body that is not JSON by its content type is refused with 415."""
         r = self.post(http, "hello", "text/plain")
         assert r.status_code == 415
+
+
+class TestBusRefusal:
+    def test_a_bus_out_of_memory_is_503_and_nothing_is_acknowledged(self, http, redis_server, redis_client, keys):
+        """Redis refusing the write (OOM under noeviction, READONLY after a failover) is a 503 to retry, not a 500."""
+        admin = redis.Redis.from_url(redis_server.url)
+        old = admin.config_get("maxmemory*")
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        try:
+            r = http.post("/events", json=event_json("churn"), headers=AUTH)
+        finally:
+            admin.config_set("maxmemory", old["maxmemory"])
+            admin.config_set("maxmemory-policy", old["maxmemory-policy"])
+            admin.close()
+        assert r.status_code == 503, r.text
+        assert "refused the write (OOM" in r.json()["error"] and "retry" in r.json()["error"]
+        assert all_stream_events(redis_client, keys) == []
 
 
 class TestAccepted:
@@ -426,6 +445,16 @@ class TestAlertmanager:
         counts = {k.decode(): int(v) for k, v in redis_client.hgetall(effects).items()}
         assert counts == {first[0]: 1, first[1]: 1}
         assert consumer.stats.duplicates == 2
+
+    def test_a_firing_alert_whose_values_changed_is_a_new_event(self):
+        """Alertmanager re-sends a firing alert: new values (a drop that now has enough labels) are a new
+        event, while the same values keep the same id whatever the receiver metadata says."""
+        low = alert("churn", "performance", value=0.88, baseline=0.9, n_labeled=40, metric="accuracy")
+        high = alert("churn", "performance", value=0.70, baseline=0.9, n_labeled=5000, metric="accuracy")
+        first, again, changed = (alertmanager_events(webhook(a)).events[0] for a in (low, low, high))
+        assert first.id == again.id and first.id != changed.id
+        moved = {**webhook(low), "externalURL": "http://elsewhere:9093", "receiver": "other"}
+        assert alertmanager_events(moved).events[0].id == first.id
 
     def test_new_firing_of_the_same_alert_is_a_new_event(self):
         """A new startsAt (the alert fired again after resolving) gives a new event id."""
@@ -515,6 +544,17 @@ class TestEvidently:
         assert r.status_code == 400 and "no data drift metric" in r.json()["error"]
         with pytest.raises(AdapterError):
             evidently_event([1, 2], "churn")
+
+    @pytest.mark.parametrize("body", [
+        '{"metrics": [{"metric": "DatasetDriftMetric", "result": {"number_of_drifted_columns": 1e999, '
+        '"number_of_columns": 3, "dataset_drift": true}}]}',
+        '{"metrics": [{"metric_id": "DriftedColumnsCount(drift_share=0.5)", "value": {"count": Infinity, "share": 0.5}}]}',
+    ])
+    def test_overflowing_numbers_in_a_report_are_400_not_500(self, body, http, redis_client, keys):
+        r = http.post("/adapters/evidently", params={"model": "churn"}, content=body,
+                      headers={**AUTH, "Content-Type": "application/json"})
+        assert r.status_code == 400 and "unreadable Evidently metric" in r.json()["error"], r.text
+        assert all_stream_events(redis_client, keys) == []
 
 
 class TestHealthAndOpenAPI:
