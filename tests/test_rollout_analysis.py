@@ -400,6 +400,47 @@ class TestStateMachine:
         done, _ = abort(state, "ana", "no", now)
         assert step(done, healthy(done, now), now, CFG) == (done, [])
 
+    def test_a_rollout_keeps_the_phases_it_began_with(self):
+        """Phases inserted into the policy mid-rollout change nothing for the running rollout: its
+        current phase is still analysed, it advances along its own phases (sub-second durations kept)."""
+        quick = RolloutSection(phases=[Phase(name="shadow", traffic=0, min_duration=timedelta(milliseconds=500)),
+                                       *CFG.phases[1:]])
+        state, _ = start("churn", "2", "1", quick, T0)
+        state = RolloutState.from_dict(json.loads(json.dumps(state.to_dict())))
+        now = T0 + timedelta(seconds=1)
+        state, _ = step(state, healthy(state, now), now, quick)
+        assert (state.phase, traffic_for(state, quick).candidate_percent) == ("canary", 5)
+        edited = RolloutSection(phases=[CFG.phases[0], Phase(name="1%", traffic=1), *CFG.phases[1:]])
+        now += CANARY.min_duration
+        look = analyze(state, edited, *good_pair(4000), None, now)
+        assert look.phase == "canary" and look.verdict == "advance"
+        state, actions = step(state, look, now, edited)
+        assert (state.phase, state.status, actions[0].candidate_percent) == ("25%", "progressive", 25)
+        assert traffic_for(state, edited).candidate_percent == 25
+
+    def test_a_state_saved_without_phases_follows_the_policy(self):
+        """A state from before the rollout kept its phases reads the policy's current phases."""
+        state, _ = start("churn", "2", "1", CFG, T0)
+        data = state.to_dict()
+        del data["phases"]
+        old = RolloutState.from_dict(data)
+        assert old.phases is None
+        now = T0 + SHADOW.min_duration
+        old, _ = step(old, healthy(old, now), now, CFG)
+        assert (old.phase, traffic_for(old, CFG).candidate_percent) == ("canary", 5)
+
+    def test_a_rollback_verdict_is_acted_on_whatever_its_phase(self):
+        """An old state whose phase no longer matches the edited policy still rolls back on a bad look."""
+        state, _ = start("churn", "2", "1", CFG, T0)
+        state.phases = None
+        now = T0 + SHADOW.min_duration
+        state, _ = step(state, healthy(state, now), now, CFG)
+        edited = RolloutSection(phases=[CFG.phases[0], Phase(name="1%", traffic=1), *CFG.phases[1:]])
+        bad = analyze(state, edited, arm("1", 4000), arm("2", 4000, errors=1600), None, now)
+        assert bad.phase == "1%" != state.phase and bad.verdict == "rollback"
+        state, actions = step(state, bad, now, edited)
+        assert state.status == "rolled_back" and "rollout.rolled_back" in names(actions)
+
     def test_revision_increments_and_stale_revision_is_refused(self):
         """Every transition increments the revision; a writer holding an older revision is refused."""
         state, _ = start("churn", "2", "1", CFG, T0)

@@ -291,6 +291,116 @@ class TestConcurrency:
         assert json.loads(other.load(MODEL)[1]["outbox"]) == []
 
 
+class Died(Exception):
+    """The worker applying a transition's actions dies (SIGKILL, OOM) after the transition was saved."""
+
+
+def die_applying_a_finished_rollout(ctl):
+    """Make ``ctl`` die at the first action of a finished rollout's transition (rollback or completion)."""
+    original = ctl._apply_one
+
+    def apply_one(model, state, action, index):
+        if not state.active:
+            raise Died()
+        return original(model, state, action, index)
+
+    ctl._apply_one = apply_one
+
+
+def rolled_back_by_a_dead_worker(control, redis_client, keys):
+    """An automatic rollback saved by a worker that died before applying it (its pipeline holds the slot)."""
+    ctl = control()
+    ctl.begin(MODEL, 2, pipeline_id="p-2")
+    redis_client.hset(keys.guard(MODEL), "in_flight", "p-2")
+    die_applying_a_finished_rollout(ctl)
+    with pytest.raises(Died):
+        drive(ctl, Traffic(redis_client, keys, seed=15), {"cand_error": 0.4})
+    state, raw = ctl.load(MODEL)
+    assert state.status == "rolled_back" and json.loads(raw["outbox"])  # saved, not applied
+    assert read_traffic(redis_client, keys, MODEL).candidate == "2"  # still serving the candidate
+    return state
+
+
+def event_types(redis_client, keys):
+    return [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.events_for(MODEL))]
+
+
+class TestFinishedByADeadWorker:
+    def test_a_tick_applies_a_rollback_whose_worker_died(self, control, versions, redis_client, keys):
+        """A rollback saved but never applied: the next tick_all returns traffic to production, marks
+        v2 rolled back, emits the rollback event and alert, frees the slot and drops the model."""
+        rolled_back_by_a_dead_worker(control, redis_client, keys)
+        assert control().tick_all() == {MODEL: "rolled_back"}
+        table = read_traffic(redis_client, keys, MODEL)
+        assert (table.production, table.candidate, table.candidate_percent, table.shadow) == ("1", None, 0.0, None)
+        assert versions.get(MODEL, 2).status == "rolled_back" and versions.alias(MODEL, "candidate") is None
+        assert "rollout.rolled_back" in event_types(redis_client, keys)
+        alerts = [json.loads(a) for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
+        assert [a["data"]["severity"] for a in alerts] == ["critical"]
+        assert not redis_client.hexists(keys.guard(MODEL), "in_flight")  # single-flight slot released
+        assert json.loads(control().load(MODEL)[1]["outbox"]) == []
+        assert not redis_client.sismember(keys.active_rollouts(), MODEL)
+        assert control().tick_all() == {}  # a finished, applied rollout is no longer visited
+
+    def test_a_tick_applies_a_completion_whose_worker_died(self, control, versions, redis_client, keys):
+        """An operator promote saved but never applied: the next tick_all promotes v2 and frees the slot."""
+        ctl = control()
+        ctl.begin(MODEL, 2, pipeline_id="p-2")
+        redis_client.hset(keys.guard(MODEL), "in_flight", "p-2")
+        die_applying_a_finished_rollout(ctl)
+        with pytest.raises(Died):
+            ctl.manual(MODEL, "promote", "ana", "hotfix")
+        assert versions.alias(MODEL, "production") == 1
+        assert control().tick_all() == {MODEL: "completed"}
+        assert versions.alias(MODEL, "production") == 2 and versions.get(MODEL, 2).status == "production"
+        assert read_traffic(redis_client, keys, MODEL).production == "2"
+        assert "rollout.completed" in event_types(redis_client, keys)
+        assert not redis_client.hexists(keys.guard(MODEL), "in_flight")
+        assert not redis_client.sismember(keys.active_rollouts(), MODEL)
+
+    def test_an_operator_rollback_applies_a_rollback_whose_worker_died(self, control, versions, redis_client,
+                                                                       keys):
+        """`retrain rollback` on a rollout a dead worker rolled back: refused as already rolled back,
+        but the saved rollback is applied first (traffic, registry, event, slot)."""
+        from workers.rollout.machine import TransitionError
+
+        rolled_back_by_a_dead_worker(control, redis_client, keys)
+        with pytest.raises(TransitionError, match="already rolled_back"):
+            control().manual(MODEL, "rollback", "bob", "pager")
+        table = read_traffic(redis_client, keys, MODEL)
+        assert (table.production, table.candidate, table.shadow) == ("1", None, None)
+        assert versions.get(MODEL, 2).status == "rolled_back"
+        assert "rollout.rolled_back" in event_types(redis_client, keys)
+        assert not redis_client.hexists(keys.guard(MODEL), "in_flight")
+        assert not redis_client.sismember(keys.active_rollouts(), MODEL)
+
+
+class TestPolicyEditedMidRollout:
+    def test_inserting_a_phase_mid_rollout_keeps_automatic_rollback(self, control, versions, redis_client, keys):
+        """The rollout at 25 %, an operator inserts a 10 % phase into the policy: the rollout keeps the
+        phases it began with, and a candidate failing 40 % of its requests is still rolled back."""
+        def phase(name, traffic):
+            return {"name": name, "traffic": traffic, "min_duration": "0s", "min_requests": 50, "min_labeled": 50}
+
+        shadow = {"name": "shadow", "traffic": 0, "min_duration": "0s", "min_requests": 100}
+        ctl = control(phases=[shadow, phase("25%", 25), phase("100%", 100)])
+        ctl.begin(MODEL, 2)
+        traffic = Traffic(redis_client, keys, seed=16)
+        traffic.serve(200, traffic=0, shadow=True)
+        assert ctl.tick(MODEL).phase == "25%"
+        ctl.policies.policy = policy_from_dict({"model": {"name": MODEL}, "rollout": {
+            "phases": [shadow, phase("10%", 10), phase("25%", 25), phase("100%", 100)],
+            "max_accuracy_drop": 0.05}})
+        for _ in range(10):
+            traffic.serve(200, traffic=25, cand_error=0.4)
+            time.sleep(0.002)
+            state = ctl.tick(MODEL)
+            if not state.active:
+                break
+        assert state.status == "rolled_back" and "error" in state.reason
+        assert read_traffic(redis_client, keys, MODEL).candidate is None
+
+
 class TestEvidenceWindow:
     def test_records_from_before_the_phase_start_are_no_evidence(self, control, versions, redis_client, keys):
         """Records written in the phase's first millisecond before it started, or served before it

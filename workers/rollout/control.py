@@ -5,9 +5,11 @@ the pipeline that started it, and an *outbox* of actions not yet applied. A tran
 saved with a compare-and-set on the revision (two rollout workers, or a worker and an operator,
 can never both advance the same revision), together with its actions; the actions are then
 applied (traffic table, registry, events, alerts, single-flight release) and the outbox is
-cleared. A worker killed in between leaves the outbox, and the next tick applies it again:
-every action is idempotent (traffic writes are absolute, events have deterministic ids,
-registry moves check the current alias, an alert is recorded and posted once per id).
+cleared. A worker killed in between leaves the outbox, and the next tick applies it again (a
+model stays in the active-rollouts set, which the ticks visit, until its outbox is cleared, so
+this holds for the last transition of a rollout too): every action is idempotent (traffic
+writes are absolute, events have deterministic ids, registry moves check the current alias,
+an alert is recorded and posted once per id).
 
 Actions are applied only while their revision is still the saved one: traffic and alias writes
 check it atomically (WATCH/MULTI on the rollout hash), so a worker that wakes up late with an
@@ -56,17 +58,23 @@ return 0
 _SAVE = """
 -- KEYS[1] rollout hash, KEYS[2] active set ; ARGV: expected revision, new revision, state, outbox, model, active(1/0),
 -- pipeline id, new rollout (1/0: a new rollout replaces the pipeline id, '' when an operator started it)
+-- The model stays in the active set while its outbox holds actions, finished or not: only
+-- _CLEAR_OUTBOX takes a finished rollout out, once its last actions are applied.
 local cur = redis.call('HGET', KEYS[1], 'revision')
 if (cur or '0') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'revision', ARGV[2], 'state', ARGV[3], 'outbox', ARGV[4])
 if ARGV[8] == '1' or ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'pipeline_id', ARGV[7]) end
-if ARGV[6] == '1' then redis.call('SADD', KEYS[2], ARGV[5]) else redis.call('SREM', KEYS[2], ARGV[5]) end
+if ARGV[6] == '1' or ARGV[4] ~= '[]' then redis.call('SADD', KEYS[2], ARGV[5])
+else redis.call('SREM', KEYS[2], ARGV[5]) end
 return 1
 """
 
 _CLEAR_OUTBOX = """
-if redis.call('HGET', KEYS[1], 'revision') == ARGV[1] then redis.call('HSET', KEYS[1], 'outbox', '[]') return 1 end
-return 0
+-- KEYS[1] rollout hash, KEYS[2] active set ; ARGV: revision applied, model, finished (1/0)
+if redis.call('HGET', KEYS[1], 'revision') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'outbox', '[]')
+if ARGV[3] == '1' then redis.call('SREM', KEYS[2], ARGV[2]) end
+return 1
 """
 
 REGISTRY_STATUS = {"shadow": "shadow", "canary": "canary", "progressive": "canary", "paused": None}
@@ -132,19 +140,29 @@ class RolloutControl:
         applied the pending outbox before saving (tick, manual and begin all do), so nothing is
         lost, and the stale traffic write cannot undo the later one. Traffic and alias writes
         check the revision atomically (WATCH/MULTI), the rest just before.
+
+        A finished rollout's single-flight slot is released before the outbox is cleared (a
+        repeated release is harmless): clearing it takes the model out of the active set, after
+        which no tick would come back to release the slot.
         """
         if not self._still_at(model, state.revision):
             log.info("rollout.stale_actions_skipped", model=model, revision=state.revision)
             return
         for i, action in enumerate(actions):
             self._apply_one(model, state, action, i)
-        self._clear(keys=[self.keys.rollout(model)], args=[str(state.revision)])
         if not state.active:
             pid = self.redis.hget(self.keys.rollout(model), "pipeline_id")
             if pid:
                 from workers.decision.state import DecisionStore
 
                 DecisionStore(self.redis, self.keys).release(model, pid.decode())
+        self._clear_outbox(model, state)
+
+    def _clear_outbox(self, model: str, state: RolloutState) -> bool:
+        """Mark ``state``'s actions applied (if it still is the saved revision); a finished rollout
+        then leaves the active set. Returns whether it was still the saved revision."""
+        return bool(self._clear(keys=[self.keys.rollout(model), self.keys.active_rollouts()],
+                                args=[str(state.revision), model, "0" if state.active else "1"]))
 
     def replay_outbox(self, model: str) -> int:
         """Apply actions a crashed worker saved but may not have applied (idempotent)."""
@@ -330,9 +348,11 @@ class RolloutControl:
         if state is None:
             return None
         if json.loads(raw.get("outbox") or "[]"):
-            self.replay_outbox(model)
+            self.replay_outbox(model)  # a dead worker's actions first: traffic, events, the slot
         if not state.active:
-            self.redis.srem(self.keys.active_rollouts(), model)
+            # Its actions are applied (above, or long ago): leave the active set, unless a new
+            # rollout was saved meanwhile (then the revision moved on and this changes nothing).
+            self._clear_outbox(model, state)
             return state
         now = now or _now()
         cfg = self.cfg(model)
@@ -354,7 +374,9 @@ class RolloutControl:
         """promote | rollback | abort | pause | resume, recorded with who and why.
 
         Takes the model's tick lock (waiting up to MANUAL_LOCK_WAIT_S for a running tick), and
-        applies the pending outbox of the transition before (its actions would be replaced).
+        applies the pending outbox of the transition before, ahead of checking whether ``op`` is
+        allowed: its actions would be replaced, and a refused ``rollback`` of a rollout that a
+        dead worker rolled back must still get the traffic back to production.
         """
         with self._tick_lock(model, wait_s=MANUAL_LOCK_WAIT_S) as held:
             if not held:
@@ -364,9 +386,9 @@ class RolloutControl:
                 raise machine.TransitionError(f"{model} has no rollout")
             fn = {"promote": machine.promote, "rollback": machine.rollback, "abort": machine.abort,
                   "pause": machine.pause, "resume": machine.resume}[op]
-            new, actions = fn(state, who, why, _now())
             if json.loads(raw.get("outbox") or "[]"):
                 self.replay_outbox(model)
+            new, actions = fn(state, who, why, _now())
             self._commit(model, state.revision, new, actions)
             return new
 

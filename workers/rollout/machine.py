@@ -9,11 +9,14 @@ and :func:`step`, stores the new state only if the stored ``revision`` is still 
 returns a state whose ``revision`` is one higher, so a second worker holding an older copy is
 refused by the compare-and-set and a tick can never advance a phase twice.
 
-Phases come from ``cfg.phases`` (default shadow -> canary 5 % -> 25 % -> 50 % -> 100 %);
-advancing past the last phase completes the rollout. A phase that lacks evidence holds; once it
-has waited ``phase.max_wait`` (or ``cfg.max_wait``) beyond its minimum duration it pauses or
-aborts as ``cfg.on_insufficient_evidence`` says. A paused rollout keeps its traffic and still
-rolls back on a ``rollback`` verdict (pausing stops progress, not protection).
+Phases come from ``cfg.phases`` (default shadow -> canary 5 % -> 25 % -> 50 % -> 100 %) as they
+were when the rollout began: :func:`start` keeps a copy in the state (``phases``), so editing the
+policy's phases mid-rollout affects the next rollout, never the running one (its position and
+phase names would no longer match). Advancing past the last phase completes the rollout. A
+phase that lacks evidence holds; once it has waited ``phase.max_wait`` (or ``cfg.max_wait``)
+beyond its minimum duration it pauses or aborts as ``cfg.on_insufficient_evidence`` says. A
+paused rollout keeps its traffic and still rolls back on a ``rollback`` verdict (pausing stops
+progress, not protection).
 
 Events use the lifecycle types of the design (``rollout.started|advanced|paused|completed|
 rolled_back``, ``alert.raised``); an abort is a ``rollout.rolled_back`` with ``"aborted": true``
@@ -197,6 +200,9 @@ class RolloutState:
     history: list[dict[str, Any]] = field(default_factory=list)
     last_analysis: dict[str, Any] | None = None
     carried: dict[str, dict[str, Any]] = field(default_factory=dict)
+    phases: list[dict[str, Any]] | None = None
+    """The rollout's phases as the policy had them when it began (:func:`phase_record` each);
+    None in states saved before this copy existed, which follow the policy's current phases."""
 
     @property
     def active(self) -> bool:
@@ -227,6 +233,25 @@ class RolloutState:
         return cls(**data)
 
 
+def phase_record(phase: Phase) -> dict[str, Any]:
+    """``phase`` as JSON for the state's copy; durations in seconds (the policy's duration strings
+    drop sub-second parts, and a phase can be as short as a few hundred milliseconds)."""
+    record = phase.model_dump(mode="json")
+    record["min_duration"] = phase.min_duration.total_seconds()
+    record["max_wait"] = None if phase.max_wait is None else phase.max_wait.total_seconds()
+    return record
+
+
+def rollout_cfg(state: RolloutState, cfg: RolloutSection) -> RolloutSection:
+    """``cfg`` with the rollout's own phases (those it began with), the policy's other settings kept.
+
+    A state without its copy (saved before there was one) keeps the policy's current phases.
+    """
+    if not state.phases:
+        return cfg
+    return cfg.model_copy(update={"phases": [Phase.model_validate(p) for p in state.phases]})
+
+
 def _phase_status(cfg: RolloutSection, index: int) -> Status:
     phase = cfg.phases[index]
     if phase.traffic == 0:
@@ -250,7 +275,7 @@ def traffic_for(state: RolloutState, cfg: RolloutSection) -> TrafficTable:
         return TrafficTable(production=state.candidate)
     if state.status in TERMINAL:
         return TrafficTable(production=state.production)
-    percent = _phase(state, cfg).traffic
+    percent = _phase(state, rollout_cfg(state, cfg)).traffic
     if percent == 0:
         return TrafficTable(production=state.production, candidate=state.candidate, shadow=state.candidate)
     return TrafficTable(production=state.production, candidate=state.candidate, candidate_percent=percent)
@@ -380,6 +405,7 @@ def start(
         revision=1,
         updated_at=now,
         reason=why or "rollout started",
+        phases=[phase_record(p) for p in cfg.phases],
     )
     _mark(state, now, "start", who, why)
     traffic = _set_traffic(state, cfg)
@@ -396,7 +422,9 @@ def analyze(
     now: datetime,
     accuracy_test: str = "sequential",
 ) -> Analysis:
-    """:func:`analyze_phase` for the state's current phase, elapsed time and carried labels."""
+    """:func:`analyze_phase` for the state's current phase (of the rollout's own phases), elapsed
+    time and carried labels."""
+    cfg = rollout_cfg(state, cfg)
     return analyze_phase(
         _phase(state, cfg),
         cfg,
@@ -502,9 +530,11 @@ def step(
         As read from storage (not modified).
     analysis : Analysis
         From :func:`analyze` / ``analyze_phase`` for ``state``'s current phase. An analysis of
-        another phase (computed before a concurrent transition) is ignored.
+        another phase (computed before a concurrent transition) is ignored, unless its verdict
+        is ``rollback``: evidence against the candidate is acted on whatever phase it came from.
     now : datetime
     cfg : RolloutSection
+        The model's policy; the phases used are the rollout's own (:func:`rollout_cfg`).
 
     Returns
     -------
@@ -519,8 +549,9 @@ def step(
     phase has waited ``max_wait`` past its minimum duration, pause or abort per
     ``cfg.on_insufficient_evidence``.
     """
-    if not state.active or analysis.phase != state.phase:
+    if not state.active or (analysis.phase != state.phase and analysis.verdict != "rollback"):
         return state, []
+    cfg = rollout_cfg(state, cfg)
     new = _transition(state, now)
     new.last_analysis = analysis.to_dict()
     _record_analysis(new, analysis, now)
