@@ -37,6 +37,18 @@ class Keys:
         """
         return f"{self.prefix}:seen:{{s{shard}}}"
 
+    def in_flight(self, shard: int) -> str:
+        """Sorted set of event ids one consumer is handling now (score = when it took them), per shard.
+
+        Taken with the seen check and dropped in the commit, so two consumers holding copies of
+        one event id (a producer's retry) never both apply it.
+        """
+        return f"{self.prefix}:inflight:{{s{shard}}}"
+
+    def stream_layout(self) -> str:
+        """String: the number of event stream shards the data in this Redis was written with."""
+        return f"{self.prefix}:events:shards"
+
     def dead_letters(self) -> str:
         return f"{self.prefix}:deadletter:{{dlq}}"
 
@@ -75,6 +87,10 @@ class Keys:
 
     def step_done(self, model: str, pipeline_id: str, step: str) -> str:
         return self._model(model, f"pipeline:{pipeline_id}:{step}")
+
+    def step_deliveries(self, model: str, pipeline_id: str, step: str) -> str:
+        """Counter: how many times a pipeline step's task was started (redeliveries after a lost worker count)."""
+        return self._model(model, f"pipeline:{pipeline_id}:{step}:deliveries")
 
     def versions(self, model: str) -> str:
         """Hash: version number -> version record (JSON)."""
@@ -139,7 +155,7 @@ class Keys:
         return f"{self.prefix}:traffic-changed"
 
     def active_rollouts(self) -> str:
-        """Set of models with a rollout that is not finished (what the rollout ticks visit)."""
+        """Set of models whose rollout is not finished, or finished with actions not yet applied (what the ticks visit)."""
         return f"{self.prefix}:rollouts-active"
 
     def monitor_runs(self) -> str:

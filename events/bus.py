@@ -2,8 +2,10 @@
 
 Producers validate and XADD (pipelined) into the model's shard of the event stream.
 Consumers read in batches through a consumer group, skip event ids they have already
-handled, let the handler queue its effects into one MULTI/EXEC together with the "seen"
-marks, and XACK only after that transaction committed with no failed command. Entries left pending by a dead
+handled and claim the new ones (one script per shard: a copy of an id another live consumer
+holds stays pending until that one commits), let the handler queue its effects into one
+MULTI/EXEC together with the "seen" marks and the claims' release, and XACK only after that
+transaction committed with no failed command. Entries left pending by a dead
 consumer are reclaimed with XAUTOCLAIM; an entry delivered ``max_deliveries`` times, or one
 that is not a valid event, moves to the dead-letter stream with the reason and the original
 payload. Delivery is at least once; effects are once per event id.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import threading
 import time
@@ -55,6 +58,35 @@ for i = 2, #ARGV do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', 'e', ARGV[i])
 end
 return #ARGV - 1
+"""
+
+# The de-duplication check of one shard's share of a batch, and a claim on each new id, in one
+# step: two consumers holding copies of one event id (a producer's retry) never both handle it.
+# The commit drops the claims with the seen marks; a claim older than the claim idle time is
+# a dead consumer's and is taken over (its entry is reclaimed by then).
+CLAIM_NEW = """
+-- KEYS[1]: seen ; KEYS[2]: in flight ; ARGV[1]: now ; ARGV[2]: claims at or before this are stale
+-- ARGV[3..]: event ids (distinct)
+-- returns per id: 0 new (claimed now), 1 seen (handled before), 2 claimed by a live consumer
+local stale = tonumber(ARGV[2])
+local out, claims = {}, {}
+for first = 3, #ARGV, 1000 do
+  local last = math.min(first + 999, #ARGV)
+  local seen = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, first, last))
+  local held = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, first, last))
+  for i = first, last do
+    local j = i - first + 1
+    if seen[j] then out[#out + 1] = 1
+    elseif held[j] and tonumber(held[j]) > stale then out[#out + 1] = 2
+    else
+      out[#out + 1] = 0
+      claims[#claims + 1] = ARGV[1]
+      claims[#claims + 1] = ARGV[i]
+    end
+  end
+end
+for i = 1, #claims, 1000 do redis.call('ZADD', KEYS[2], unpack(claims, i, math.min(i + 999, #claims))) end
+return out
 """
 
 TRIMMED_REASON = "trimmed from the stream before it was handled"
@@ -334,6 +366,8 @@ class ConsumerStats:
     dead_lettered: int = 0
     reclaimed: int = 0
     failed_batches: int = 0
+    held_elsewhere: int = 0
+    """Entries left pending because another consumer was handling a copy of the same event id."""
     trimmed: int = 0
     """Entries trimmed from the stream before this consumer's group handled them (each dead-lettered)."""
 
@@ -385,6 +419,7 @@ class StreamConsumer:
         self._own_pending: dict[str, str] = dict.fromkeys(self.streams, "0")
         """Per stream, the id after which our own pending entries are still to be re-read (a restart)."""
         self._trim_counter = 0
+        self._claim_sha = hashlib.sha1(CLAIM_NEW.encode()).hexdigest()  # loaded on the first NOSCRIPT
 
     @classmethod
     def from_settings(cls, client, settings, group: str, consumer: str, handler: Handler,
@@ -599,7 +634,7 @@ class StreamConsumer:
             return
         fresh, dupes = self._split_seen(valid)
         try:
-            self._commit(fresh, dupes)
+            self._commit(fresh, dupes, keep_claims=True)  # kept for the one-at-a-time retry below
         except redis.ConnectionError:
             raise
         except Exception as exc:  # noqa: BLE001 - a handler bug must not stop the bus
@@ -628,26 +663,51 @@ class StreamConsumer:
             if idx is None:
                 idx = by_shard[s] = []
             idx.append(i)
+        # A copy of an id already in this batch is a duplicate here; the script sees each id once.
+        first_of: dict[str, int] = {}
+        copies: list[int] = []
+        for s, idx in by_shard.items():
+            unique = []
+            for i in idx:
+                event_id = valid[i][2].id
+                if event_id in first_of:
+                    copies.append(i)
+                else:
+                    first_of[event_id] = i
+                    unique.append(i)
+            idx[:] = unique
+        now = time.time()
+        stale = repr(now - self.claim_idle_ms / 1000)
         pipe = self._raw.pipeline(transaction=False)
         order = list(by_shard.items())
         for s, idx in order:
-            pipe.execute_command("ZMSCORE", self.keys.seen(s), *[valid[i][2].id for i in idx])
-        seen_flags = [False] * len(valid)
-        for (_, idx), scores in zip(order, pipe.execute()):
-            for i, score in zip(idx, scores):
-                if score is not None:
-                    seen_flags[i] = True
-        fresh, dupes, batch_ids = [], [], set()
-        for flag, item in zip(seen_flags, valid):
-            event_id = item[2].id
-            if flag or event_id in batch_ids:
-                dupes.append(item)
-            else:
-                batch_ids.add(event_id)
+            pipe.evalsha(self._claim_sha, 2, self.keys.seen(s), self.keys.in_flight(s), repr(now), stale,
+                         *[valid[i][2].id for i in idx])
+        try:
+            replies = pipe.execute()
+        except redis.exceptions.NoScriptError:  # a restarted (or flushed) server: load it and retry once
+            self._claim_sha = self.redis.script_load(CLAIM_NEW)
+            return self._split_seen(valid)
+        state = [0] * len(valid)
+        for (_, idx), flags in zip(order, replies):
+            for i, flag in zip(idx, flags):
+                state[i] = flag
+        for i in copies:
+            state[i] = 1
+        fresh, dupes, held = [], [], 0
+        for flag, item in zip(state, valid):
+            if flag == 0:
                 fresh.append(item)
+            elif flag == 1:
+                dupes.append(item)
+            else:  # left pending: acked as a duplicate once the holder commits, or taken over if it died
+                held += 1
+        if held:
+            self.stats.held_elsewhere += held
+            log.info("bus.held_by_another_consumer", count=held, consumer=self.consumer)
         return fresh, dupes
 
-    def _commit(self, fresh, dupes=()) -> None:
+    def _commit(self, fresh, dupes=(), *, keep_claims: bool = False) -> None:
         """Commit a batch: the handler's effects with the seen marks in one MULTI/EXEC, then the XACKs.
 
         Effects and seen marks commit together, so an event's effect happens once per id
@@ -662,7 +722,12 @@ class StreamConsumer:
         pipe = self.redis.pipeline(transaction=True)
         events = [e for _, _, e in fresh]
         if events:
-            self.handler(events, pipe)
+            try:
+                self.handler(events, pipe)
+            except BaseException:
+                if not keep_claims:
+                    self._release(fresh)  # the entries stay pending: whoever retries them may claim them now
+                raise
         now = time.time()
         score = repr(now)  # formatted once: the protocol packer formats a float per argument, at ~1 us each
         by_shard: dict[int, list] = {}
@@ -679,13 +744,15 @@ class StreamConsumer:
         trim = self._trim_counter % 100 == 0
         for s, marks in by_shard.items():
             pipe.execute_command("ZADD", self.keys.seen(s), *marks)
+            pipe.execute_command("ZREM", self.keys.in_flight(s), *marks[1::2])
             if trim:
                 pipe.zremrangebyscore(self.keys.seen(s), 0, now - self.dedup_retention_s)
+                pipe.zremrangebyscore(self.keys.in_flight(s), 0, now - self.claim_idle_ms / 1000)  # stale claims
         if len(pipe):
             results = pipe.execute(raise_on_error=False)
             failed = next((r for r in results if isinstance(r, Exception)), None)
             if failed is not None:
-                self._unmark(by_shard)
+                self._unmark(by_shard, release=not keep_claims)
                 raise failed
         acks: dict[str, list] = {}
         for items in (fresh, dupes):
@@ -708,12 +775,27 @@ class StreamConsumer:
             except Exception:  # noqa: BLE001 - the batch is committed; counting must not undo that
                 log.exception("bus.on_committed_failed", size=len(events))
 
-    def _unmark(self, by_shard: dict[int, list]) -> None:
-        """Take back the seen marks of a batch whose transaction had a failed command."""
+    def _unmark(self, by_shard: dict[int, list], *, release: bool) -> None:
+        """Take back the seen marks (and with ``release`` the claims) of a batch whose transaction had a failed command."""
         undo = self.redis.pipeline(transaction=False)
         for s, marks in by_shard.items():
             undo.zrem(self.keys.seen(s), *marks[1::2])
+            if release:
+                undo.zrem(self.keys.in_flight(s), *marks[1::2])
         undo.execute()
+
+    def _release(self, items) -> None:
+        """Drop this consumer's claims on ``items`` (their handling failed before the commit)."""
+        by_shard: dict[int, list] = {}
+        for _, _, e in items:
+            by_shard.setdefault(self._shard(e.subject), []).append(e.id)
+        try:
+            undo = self.redis.pipeline(transaction=False)
+            for s, ids in by_shard.items():
+                undo.zrem(self.keys.in_flight(s), *ids)
+            undo.execute()
+        except redis.RedisError as exc:  # the claims go stale after the claim idle time anyway
+            log.warning("bus.claim_release_failed", error=str(exc), size=len(items))
 
     def _commit_one_by_one(self, fresh, dupes) -> None:
         """After a failed batch, isolate the poison event(s); they stay pending for a retry."""

@@ -31,8 +31,8 @@ def handler(events, pipe):
 
 
 class CrashAfterCommit(StreamConsumer):
-    def _commit(self, fresh, dupes=()):
-        super()._commit(fresh, dupes)
+    def _commit(self, fresh, dupes=(), **kw):
+        super()._commit(fresh, dupes, **kw)
         open(os.environ["READY_FILE"], "w").write("committed")
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -252,6 +252,50 @@ class TestConsumer:
         assert redis_client.hget(EFFECTS, e.id) == b"1"
         assert c.stats.duplicates == 2
 
+    def test_two_consumers_holding_copies_of_one_event_id_apply_it_once(self, bus, redis_client, keys):
+        """A producer's retry puts one event id in the stream twice; two consumers each read a copy.
+
+        The one that reads second finds the first one's claim, leaves its copy pending without
+        applying it, and the copy is acked as a duplicate once the first has committed.
+        """
+        import threading
+
+        e = new_event("volume.accumulated", "m", {"new_samples": 5})
+        bus.publish(e)
+        bus.publish(e)
+        inside, release = threading.Event(), threading.Event()
+
+        def slow(events, pipe):
+            inside.set()
+            assert release.wait(10)
+            effect_handler(events, pipe)
+
+        a = make_consumer(redis_client, keys, name="a", handler=slow, batch_size=1, claim_idle_ms=60_000)
+        b = make_consumer(redis_client, keys, name="b", batch_size=1, claim_idle_ms=60_000)
+        first = threading.Thread(target=a.poll, kwargs={"block_ms": 10})
+        first.start()
+        try:
+            assert inside.wait(10)
+            assert b.poll(block_ms=10) == 1  # read the second copy while a is still handling the first
+            assert b.stats.held_elsewhere == 1 and not redis_client.hexists(EFFECTS, e.id)
+        finally:
+            release.set()
+            first.join(10)
+        assert redis_client.hget(EFFECTS, e.id) == b"1"
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 1  # b's copy, until reclaimed
+        drain(make_consumer(redis_client, keys, name="c", claim_idle_ms=1))
+        assert redis_client.hget(EFFECTS, e.id) == b"1"
+        assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
+        assert redis_client.zcard(keys.in_flight(keys.shard_of("m"))) == 0  # the commit dropped the claim
+
+    def test_a_dead_consumers_claim_is_taken_over_once_stale(self, bus, redis_client, keys):
+        """A claim left by a consumer that died mid-batch does not block the event for good."""
+        e = new_event("volume.accumulated", "m", {"new_samples": 5})
+        redis_client.zadd(keys.in_flight(keys.shard_of("m")), {e.id: time.time() - 120})  # the dead one's
+        bus.publish(e)
+        drain(make_consumer(redis_client, keys, claim_idle_ms=60_000))
+        assert redis_client.hget(EFFECTS, e.id) == b"1"
+
     def test_ack_only_after_the_effect_commits(self, bus, redis_client, keys):
         """When the handler fails, nothing is acked and the entry stays pending for a retry."""
         e = new_event("volume.accumulated", "m", {"new_samples": 5})
