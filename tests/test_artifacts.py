@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import skops.io as sio
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.linear_model import LogisticRegression
+from sklearn.ensemble import (
+    GradientBoostingClassifier,
+    HistGradientBoostingClassifier,
+    HistGradientBoostingRegressor,
+    RandomForestClassifier,
+)
+from sklearn.feature_selection import SelectKBest
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.tree import DecisionTreeClassifier
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -22,6 +35,7 @@ from workers.registry.artifacts import (  # noqa: E402
     ArtifactError,
     ArtifactTampered,
     UntrustedArtifact,
+    default_trusted_prefixes,
     is_trusted,
     load_artifact,
     read_sidecar,
@@ -31,6 +45,38 @@ from workers.training.fit import build_pipeline, split_features  # noqa: E402
 
 RETRAIN = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "retrain"
 CORE = ("sklearn.", "numpy.", "scipy.")
+
+
+def _json(value):
+    return {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode",
+            "content": json.dumps(value), "is_json": True}
+
+
+def _tuple(*items):
+    return {"__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode", "content": list(items)}
+
+
+def _str_dict(**items):
+    keys = [{"__class__": "str", "__module__": "builtins", "__loader__": "TypeNode"}] * len(items)
+    return {"__class__": "dict", "__module__": "builtins", "__loader__": "DictNode",
+            "content": {k: _json(v) for k, v in items.items()},
+            "key_types": {"__class__": "list", "__module__": "builtins", "__loader__": "ListNode", "content": keys}}
+
+
+def crafted_artifact(path: Path, dotted: str, content: dict, loader: str = "ConstructorFromReduceNode") -> str:
+    """Hand-build a .skops whose root node names ``dotted`` (what an attacker writes); returns its sha256.
+
+    With ``ConstructorFromReduceNode`` skops calls the named object with the tuple in ``content``;
+    with ``ObjectNode`` it makes an instance and hands ``content`` to its ``__setstate__``.
+    """
+    module, _, name = dotted.rpartition(".")
+    schema = {"__class__": name, "__module__": module, "__loader__": loader, "content": content,
+              "protocol": 2, "_skops_version": "0.16.0"}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("schema.json", json.dumps(schema))
+    path.write_bytes(buf.getvalue())
+    return artifacts.sha256_hex(buf.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -127,11 +173,104 @@ class TestTrustedTypes:
             ("builtins.eval", ("builtins.",), False),
             ("os.system", ("os.",), False),
             ("builtins.slice", ("builtins.",), True),
+            ("numpy.dtype", ("numpy.",), True),
+            ("sklearn.utils.validation.check_array", ("sklearn.",), False),
+            ("numpy.testing._private.utils.runstring", ("numpy.",), False),
+            ("sklearn.tree.NoSuchTree", ("sklearn.",), False),
+            ("sklearn.tree", ("sklearn.",), False),
+            ("numpy.f2py.__main__.main", ("numpy.",), False),
         ],
     )
     def test_prefix_matching(self, name, prefixes, ok):
-        """Prefixes match at dot boundaries and never admit code-execution builtins or os."""
+        """Only classes under an allowed prefix pass: never functions, modules, missing names, builtins like eval."""
         assert is_trusted(name, prefixes) is ok
+
+
+class TestCraftedArtifacts:
+    """Hand-built files naming callables under trusted prefixes: refused before anything runs."""
+
+    def test_exec_function_is_refused_and_never_runs(self, tmp_path):
+        """A reduce node naming numpy's runstring (exec) is refused even with a matching hash or unverified."""
+        marker = tmp_path / "pwned"
+        code = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('code ran')"
+        path = tmp_path / "evil.skops"
+        digest = crafted_artifact(path, "numpy.testing._private.utils.runstring", _tuple(_json(code), _str_dict()))
+        for kwargs in ({"sha256": digest}, {"sha256": None, "allow_unverified": True}):
+            with pytest.raises(UntrustedArtifact) as info:
+                load_artifact(path, trusted_prefixes=CORE, **kwargs)
+            assert info.value.types == ["numpy.testing._private.utils.runstring"]
+        assert not marker.exists()
+
+    def test_plain_sklearn_function_is_refused(self, tmp_path):
+        """A function under sklearn. (not a class) is refused, not called with the file's arguments."""
+        path = tmp_path / "fn.skops"
+        digest = crafted_artifact(path, "sklearn.utils.validation.check_array", _tuple(_json([[1.0, 2.0]])))
+        with pytest.raises(UntrustedArtifact) as info:
+            load_artifact(path, digest, default_trusted_prefixes())
+        assert info.value.types == ["sklearn.utils.validation.check_array"]
+
+    def test_class_whose_setstate_runs_file_code_is_refused(self, tmp_path):
+        """scipy.stats distributions exec a template from their state on load: refused though they are classes."""
+        marker = tmp_path / "pwned"
+        code = f"import pathlib; pathlib.Path({str(marker)!r}).write_text('code ran')"
+        path = tmp_path / "dist.skops"
+        digest = crafted_artifact(path, "scipy.stats._continuous_distns.norm_gen",
+                                  _str_dict(_parse_arg_template=code, numargs=0), loader="ObjectNode")
+        with pytest.raises(UntrustedArtifact):
+            load_artifact(path, digest, CORE)
+        assert not marker.exists()
+
+    @pytest.mark.parametrize(
+        "dotted,extra",
+        [
+            ("numpy.memmap", (_json("uint8"), _json("w+"), _json(0), _tuple(_json(4)))),
+            ("scipy.io.FortranFile", (_json("w"),)),
+        ],
+    )
+    def test_classes_that_open_files_for_writing_are_refused(self, tmp_path, dotted, extra):
+        """Classes whose constructor truncates a named file are refused; the file stays intact."""
+        victim = tmp_path / "precious.txt"
+        victim.write_text("keep me\n")
+        path = tmp_path / "clobber.skops"
+        digest = crafted_artifact(path, dotted, _tuple(_json(str(victim)), *extra))
+        with pytest.raises(UntrustedArtifact):
+            load_artifact(path, digest, CORE)
+        assert victim.read_text() == "keep me\n"
+
+
+class TestProjectModelsLoad:
+    @pytest.mark.parametrize(
+        "task,estimator",
+        [
+            ("binary", HistGradientBoostingClassifier(max_iter=10, random_state=0)),
+            ("multiclass", HistGradientBoostingClassifier(max_iter=10, random_state=0)),
+            ("regression", HistGradientBoostingRegressor(max_iter=10, random_state=0)),
+            ("binary", RandomForestClassifier(n_estimators=3, random_state=0)),
+            ("binary", GradientBoostingClassifier(n_estimators=3, random_state=0)),
+            ("binary", DecisionTreeClassifier(random_state=0)),
+            ("binary", LogisticRegression(class_weight="balanced")),
+            ("regression", LinearRegression()),
+            ("binary", KNeighborsClassifier()),
+            ("binary", MLPClassifier(hidden_layer_sizes=(4,), max_iter=20, random_state=0)),
+        ],
+        ids=lambda v: v if isinstance(v, str) else type(v).__name__,
+    )
+    @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+    def test_training_pipelines_load_with_default_prefixes(self, tmp_path, task, estimator):
+        """Pipelines built like training's (features + model) load under the settings' prefixes, same predictions."""
+        frame = make_frame(task, 200, seed=1)
+        numeric, categorical = split_features(frame, ["a", "b", "c"])
+        pipe = build_pipeline(estimator, numeric, categorical).fit(frame[["a", "b", "c"]], frame["target"])
+        ref = save_artifact(pipe, tmp_path / "m.skops")
+        model = load_artifact(ref.uri, ref.sha256, default_trusted_prefixes())
+        np.testing.assert_array_equal(model.predict(frame), pipe.predict(frame))
+
+    def test_allowlisted_function_loads(self, tmp_path, data):
+        """SelectKBest keeps sklearn's default score function (f_classif): on the function allowlist."""
+        pipe = make_pipeline(SelectKBest(k=1), LogisticRegression()).fit(data[["a", "b"]], data["target"])
+        ref = save_artifact(pipe, tmp_path / "k.skops")
+        model = load_artifact(ref.uri, ref.sha256, CORE)
+        np.testing.assert_array_equal(model.predict(data[["a", "b"]]), pipe.predict(data[["a", "b"]]))
 
 
 class TestCliArtifacts:

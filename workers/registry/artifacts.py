@@ -5,8 +5,12 @@ executing pickle code) and its sha256 is recorded next to it in the registry (an
 ``<file>.sha256`` sidecar, in ``sha256sum`` format, for offline tools). Loading reads the bytes
 once, hashes *those* bytes, refuses a mismatch with :class:`ArtifactTampered`, and only then
 hands the same bytes to skops with an explicit ``trusted=`` list: every type skops does not
-trust by default must match one of the allowed module prefixes (from settings), otherwise the
-load is refused with :class:`UntrustedArtifact`. The file's own ``get_untrusted_types()`` is
+trust by default must be a *class* under one of the allowed module prefixes (from settings) or
+one of the few functions in :data:`TRUSTED_FUNCTIONS`, otherwise the load is refused with
+:class:`UntrustedArtifact`. Functions are refused because skops' reduce nodes *call* the named
+object with arguments taken from the file (``numpy.testing``'s ``runstring`` is an ``exec``), and
+a handful of classes are refused because merely building them runs file data as code or
+truncates a file (:data:`NEVER_TRUSTED_CLASSES`). The file's own ``get_untrusted_types()`` is
 never passed back wholesale — that would trust whatever the file holds.
 
 Local paths and ``file://`` URIs are supported; other schemes raise :class:`ArtifactError`
@@ -16,6 +20,7 @@ so object storage can be added behind the same two functions.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import tempfile
 import zipfile
@@ -46,7 +51,37 @@ NEVER_TRUSTED = frozenset(
 )
 """Types refused even when an allowed prefix (such as ``builtins.``) would match them."""
 
-NEVER_TRUSTED_PREFIXES = ("os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "importlib.", "pickle.")
+NEVER_TRUSTED_PREFIXES = (
+    "os.", "posix.", "nt.", "subprocess.", "sys.", "shutil.", "importlib.", "pickle.",
+    # Build and test tooling inside the trusted libraries: full of exec/eval, never part of a model.
+    "numpy.f2py.", "numpy.distutils.", "numpy.testing.", "scipy._lib._testutils.", "sklearn.utils._testing.",
+)
+
+NEVER_TRUSTED_CLASSES = frozenset(
+    {
+        # __setstate__ exec()s the ``_parse_arg_template`` string it is given (every scipy.stats
+        # distribution), so an ObjectNode runs the file's code.
+        "scipy.stats._distn_infrastructure.rv_generic",
+        # Constructors that open a file named by their first argument for writing (truncating it).
+        "numpy.memmap",
+        "scipy.io._fortran.FortranFile",
+        "scipy.io._netcdf.netcdf_file",
+    }
+)
+"""Classes (and their subclasses) refused under any prefix: building one from file data is unsafe."""
+
+TRUSTED_FUNCTIONS = frozenset(
+    {
+        # Default ``score_func`` of SelectKBest / SelectPercentile / SelectFpr / SelectFdr / SelectFwe /
+        # GenericUnivariateSelect: kept by reference and only ever called on arrays.
+        "sklearn.feature_selection._univariate_selection.f_classif",
+        # Default ``pooling_func`` of FeatureAgglomeration.
+        "numpy.mean",
+    }
+)
+"""The only non-class names trusted (still subject to the prefixes): pure numeric functions that
+scikit-learn estimators hold by default. numpy ufuncs and dtypes are in skops' own defaults and
+never reach :func:`is_trusted`; the project's own pipelines need none of these."""
 
 
 class ArtifactError(Exception):
@@ -178,20 +213,55 @@ def read_sidecar(uri: str | os.PathLike[str]) -> str | None:
     return digest
 
 
-def is_trusted(type_name: str, prefixes: Iterable[str]) -> bool:
-    """Whether a skops type name (``module.Qualname``) falls under one of the allowed prefixes.
-
-    A prefix matches at a dot boundary only (``sklearn`` and ``sklearn.`` both allow
-    ``sklearn.tree.DecisionTreeClassifier`` but not ``sklearnx.Evil``); types in
-    :data:`NEVER_TRUSTED` / :data:`NEVER_TRUSTED_PREFIXES` are refused regardless.
-    """
+def _name_allowed(type_name: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether a dotted name passes the deny lists and falls under an allowed prefix (no import)."""
     if type_name in NEVER_TRUSTED or type_name.startswith(NEVER_TRUSTED_PREFIXES):
+        return False
+    parts = type_name.split(".")
+    # ``__main__`` modules run a program when imported; dunder attributes reach module internals.
+    if any(not part or part.startswith("__") or part in ("tests", "conftest") for part in parts):
         return False
     for prefix in prefixes:
         base = prefix.rstrip(".")
         if base and (type_name == base or type_name.startswith(base + ".")):
             return True
     return False
+
+
+def _resolve(type_name: str) -> Any:
+    """The object skops would load for ``type_name``, or None when it cannot be found.
+
+    skops imports ``module`` and takes one attribute from it (``module.Name``); this does the
+    same, reading the module's ``__dict__`` so no module ``__getattr__`` or descriptor runs. Only
+    names that already passed :func:`_name_allowed` get here, so only allowed modules are imported.
+    """
+    module_name, _, attr = type_name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # missing module, or one that fails to import: skops could not load it either
+        return None
+    return vars(module).get(attr)
+
+
+def is_trusted(type_name: str, prefixes: Iterable[str]) -> bool:
+    """Whether skops may load the type named ``type_name`` (``module.Name``) from an artifact.
+
+    The name must fall under one of the allowed prefixes at a dot boundary (``sklearn`` and
+    ``sklearn.`` both allow ``sklearn.tree.DecisionTreeClassifier`` but not ``sklearnx.Evil``) and
+    must resolve to a **class** whose own module is allowed too — not a function, module or
+    missing name, because skops calls what it loads with arguments from the file — unless it is
+    in :data:`TRUSTED_FUNCTIONS`. :data:`NEVER_TRUSTED`, :data:`NEVER_TRUSTED_PREFIXES` and
+    :data:`NEVER_TRUSTED_CLASSES` (with subclasses) are refused regardless.
+    """
+    prefixes = tuple(prefixes)
+    if not _name_allowed(type_name, prefixes):
+        return False
+    if type_name in TRUSTED_FUNCTIONS:
+        return True
+    obj = _resolve(type_name)
+    if not isinstance(obj, type) or not _name_allowed(f"{obj.__module__}.{obj.__qualname__}", prefixes):
+        return False
+    return not any(f"{cls.__module__}.{cls.__qualname__}" in NEVER_TRUSTED_CLASSES for cls in obj.__mro__)
 
 
 def default_trusted_prefixes() -> tuple[str, ...]:
@@ -228,7 +298,7 @@ def load_artifact(
     ArtifactTampered
         The bytes do not hash to ``sha256`` (nothing was deserialized).
     UntrustedArtifact
-        The file holds a type outside the allowed prefixes (nothing was deserialized).
+        The file names a function, or a type outside the allowed prefixes (nothing was deserialized).
     ArtifactError
         Missing/unreadable file, unsupported URI, or a file skops cannot read.
     """
