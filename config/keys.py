@@ -89,7 +89,7 @@ class Keys:
         return self._model(model, f"pipeline:{pipeline_id}:{step}")
 
     def step_deliveries(self, model: str, pipeline_id: str, step: str) -> str:
-        """Counter: how many times a pipeline step's task was started (redeliveries after a lost worker count)."""
+        """Counter: starts of a pipeline step that never came back (a lost worker); deleted when the step succeeds."""
         return self._model(model, f"pipeline:{pipeline_id}:{step}:deliveries")
 
     def versions(self, model: str) -> str:

@@ -7,12 +7,16 @@ step function directly is a re-run that died before its output was stored).
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import redis
 
 from config.settings import reset_settings
-from tests.test_pipeline import setup_model
+from events.bus import EventBus
+from tests.support import wait_for
+from tests.test_pipeline import request, setup_model
 from workers.pipeline import steps
 from workers.registry.store import ModelVersion, Registry
 from workers.rollout.control import RolloutControl
@@ -170,3 +174,120 @@ class TestTimeLimit:
         with pytest.raises(SoftTimeLimitExceeded):
             reference_scores(Slow(), holdout, policy)
         assert reference_scores(Broken(), holdout, policy) == []  # an ordinary failure still means no reference
+
+
+def build_an_estimator_that_kills_its_worker(**params):
+    """A policy's estimator build function (``tests.test_pipeline_reruns:...``) that dies as an
+    OOM kill or a segfault in a fit does: SIGKILL of the process running it, every time."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TestWorkerLostEveryTime:
+    @pytest.mark.slow
+    def test_a_step_whose_worker_dies_every_time_fails_the_pipeline(self, start_worker, redis_client, keys, settings,
+                                                                  tmp_path, monkeypatch):
+        """A train step that kills its pool process on every delivery runs MAX_STEP_STARTS times, then
+        the pipeline fails (record, training.failed, critical alert, slot released) instead of looping."""
+        import tests.test_pipeline as tp
+
+        monkeypatch.setattr(tp, "POLICY", tp.POLICY.replace(
+            'estimator = "sklearn.linear_model.LogisticRegression"',
+            'estimator = "tests.test_pipeline_reruns:build_an_estimator_that_kills_its_worker"'))
+        worker = start_worker("all", env=setup_model(tmp_path))
+        request(EventBus.from_settings(redis_client, settings))
+        pid = wait_for(lambda: _decided_pipeline(redis_client, keys), timeout=30, message="a pipeline decided")
+        record = keys.pipeline(MODEL, pid)
+        wait_for(lambda: redis_client.hget(record, "status") == b"failed:train", timeout=120,
+                 message=f"the pipeline failed at train (log {worker.log_path})")
+        reason = f"worker lost {steps.MAX_STEP_STARTS} times while running train"
+        assert redis_client.hget(record, "error").decode() == reason
+        events = {e["id"]: e for e in (json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for(MODEL)))}
+        assert events[f"{pid}:training.failed"]["data"]["error"] == reason
+        alerts = [json.loads(a)["data"] for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
+        assert [(a["severity"], a["message"]) for a in alerts] == [("critical", reason)]
+        wait_for(lambda: not redis_client.hexists(keys.guard(MODEL), "in_flight"), timeout=20, message="slot released")
+        assert worker.log().count("exited with 'signal 9 (SIGKILL)'") == steps.MAX_STEP_STARTS  # ran 3 times, not 4
+        assert int(redis_client.get(keys.step_deliveries(MODEL, pid, "train"))) == steps.MAX_STEP_STARTS + 1
+        assert Registry(redis_client, keys).versions(MODEL) == []
+
+    def test_a_step_past_the_limit_is_not_run_and_a_finished_one_is_returned(self, pipeline_env, redis_client, keys):
+        """Starts that never came back (the counter) stop the step; a step already done returns its output."""
+        pipeline_env()
+        ctx = context("p-4")
+        redis_client.set(keys.step_deliveries(MODEL, "p-4", "validate_data"), steps.MAX_STEP_STARTS)
+        with pytest.raises(steps.PipelineStepFailed, match=f"^worker lost {steps.MAX_STEP_STARTS} times while "
+                                                           "running validate_data$"):
+            steps.run_step("validate_data", ctx)
+        assert not redis_client.exists(keys.step_done(MODEL, "p-4", "validate_data"))
+        assert "training.started" not in published(redis_client, keys).values()
+        redis_client.delete(keys.step_deliveries(MODEL, "p-4", "validate_data"))
+        out = steps.run_step("validate_data", ctx)
+        redis_client.set(keys.step_deliveries(MODEL, "p-4", "validate_data"), steps.MAX_STEP_STARTS * 2)
+        assert steps.run_step("validate_data", ctx) == out
+
+    def test_starts_that_end_in_an_exception_do_not_count_as_lost_workers(self, pipeline_env, redis_client, keys,
+                                                                          monkeypatch):
+        """A step retried for a transient error more often than MAX_STEP_STARTS (autoretry allows
+        more) still runs: only starts whose process never came back count towards the limit."""
+        pipeline_env()
+        real_emit = steps._Env.emit
+        blips = []
+
+        def emit_with_broker_blips(env, ctx, etype, **data):
+            if etype == "training.started" and len(blips) <= steps.MAX_STEP_STARTS:
+                blips.append(etype)
+                raise redis.ConnectionError("broker blip")
+            return real_emit(env, ctx, etype, **data)
+
+        monkeypatch.setattr(steps._Env, "emit", emit_with_broker_blips)
+        for _ in range(steps.MAX_STEP_STARTS + 1):
+            with pytest.raises(redis.ConnectionError):
+                steps.run_step("validate_data", context("p-5"))
+        out = steps.run_step("validate_data", context("p-5"))
+        assert out["n_train"] > 0 and len(blips) == steps.MAX_STEP_STARTS + 1
+
+
+class TestGateBreakdown:
+    def test_a_tampered_production_artifact_fails_the_pipeline(self, pipeline_env, redis_client, keys):
+        """The gate cannot load production (its bytes changed): a pipeline failure (training.failed,
+        critical alert naming the tampering, slot released), not a candidate the gate blocked."""
+        from workers.registry.artifacts import ArtifactTampered
+
+        pipeline_env()
+        steps.run_step("start_rollout", steps.run_step("stage", steps.run_step("gate", trained("p-1"))))
+        registry = Registry(redis_client, keys)
+        with open(registry.get(MODEL, 1).artifact_uri.removeprefix("file://"), "ab") as f:
+            f.write(b"tampered")
+        redis_client.hset(keys.guard(MODEL), "in_flight", "p-2")
+        ctx = trained("p-2")
+        with pytest.raises(ArtifactTampered) as tampered:
+            steps.run_step("gate", ctx)
+        steps.handle_failure(ctx, "gate", tampered.value)  # what the chain's link_error does
+        reason = str(tampered.value)
+        assert "sha256" in reason
+        record = keys.pipeline(MODEL, "p-2")
+        assert redis_client.hget(record, "status") == b"failed:gate"
+        assert redis_client.hget(record, "error").decode() == reason
+        events = {e["id"]: e for e in (json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for(MODEL)))}
+        assert events["p-2:training.failed"]["data"] == {"pipeline_id": "p-2", "decision_id": None, "step": "gate",
+                                                         "error": reason}
+        alert = json.loads(redis_client.lrange(keys.alerts(MODEL), 0, 0)[0])["data"]
+        assert (alert["severity"], alert["title"], alert["message"]) == (
+            "critical", "training pipeline failed at gate", reason)
+        assert not redis_client.hexists(keys.guard(MODEL), "in_flight")
+        assert [v.version for v in registry.versions(MODEL)] == [1]
+
+    def test_a_failed_check_is_still_a_blocked_candidate(self, pipeline_env, redis_client, keys):
+        """The gate's own GateFailed stays a warning without training.failed."""
+        pipeline_env()
+        steps.handle_failure(context("p-6"), "gate", steps.GateFailed("gate failed for v1: minimum_performance (0.5)"))
+        alert = json.loads(redis_client.lrange(keys.alerts(MODEL), 0, 0)[0])["data"]
+        assert (alert["severity"], alert["title"]) == ("warning", "quality gate blocked a candidate")
+        assert "training.failed" not in published(redis_client, keys).values()
+
+
+def _decided_pipeline(client, keys) -> str | None:
+    from workers.decision.state import DecisionStore
+
+    starts = [r for r in DecisionStore(client, keys).recent_records(MODEL, 10) if r["action"] == "start"]
+    return starts[0]["pipeline_id"] if starts else None

@@ -6,6 +6,11 @@ broker redelivery) returns the stored output instead of redoing the work. Files 
 artifact root (``<root>/<model>/pipelines/<pipeline id>/``) with deterministic names, so a
 step re-run after a crash overwrites its own partial files. The registry registers by
 pipeline id, so exactly one version comes out of one pipeline.
+
+A step whose worker process dies every time it runs it (OOM kill, segfault in a fit) would be
+redelivered forever (the tasks ack late and are rejected back to the queue when their worker is
+lost): ``run_step`` counts the starts that never came back and fails the pipeline once a step
+has used up MAX_STEP_STARTS of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import redis
 import structlog
 
 from config.keys import Keys, keys_from_settings
@@ -43,7 +49,19 @@ class ValidationFailed(PipelineStepFailed):
 
 
 class GateFailed(PipelineStepFailed):
-    pass
+    """The gate's verdict on a candidate (a failed check): the only failure reported as "blocked"."""
+
+
+class WorkerLostTooOften(PipelineStepFailed):
+    """The step's worker process died in each of its last MAX_STEP_STARTS starts."""
+
+
+MAX_STEP_STARTS = 3
+"""How many times a step may start and never come back (its worker process died: OOM kill,
+segfault) before the pipeline fails at that step instead of running it again. One lost worker
+(a deploy, a node going away) is survived; a step that kills every worker it lands on costs
+three starts, not a loop that holds the model's single-flight slot until it goes stale. Starts
+that end in an exception (a transient error the task retries, a failure) do not count."""
 
 
 class _Env:
@@ -91,22 +109,52 @@ class _Env:
 
 
 def run_step(step: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Run one step, or return its stored output if it already ran.
+
+    A step whose last MAX_STEP_STARTS starts all died with their process raises
+    WorkerLostTooOften instead of running again: the task fails (and is acked), so the chain's failure handler records
+    the pipeline as failed, emits ``training.failed``, alerts and frees the slot.
+    """
     env = _Env()
     done_key = env.keys.step_done(ctx["model"], ctx["pipeline_id"], step)
     stored = env.redis.get(done_key)
     if stored is not None:
         log.info("pipeline.step_already_done", step=step)
         return json.loads(stored)
+    starts_key = env.keys.step_deliveries(ctx["model"], ctx["pipeline_id"], step)
+    pipe = env.redis.pipeline(transaction=True)
+    pipe.incr(starts_key)
+    pipe.expire(starts_key, STEP_OUTPUT_TTL_S)
+    starts = int(pipe.execute()[0])
+    if starts > MAX_STEP_STARTS:
+        raise WorkerLostTooOften(f"worker lost {MAX_STEP_STARTS} times while running {step}")
+    if starts > 1:
+        log.warning("pipeline.step_restarted", step=step, start=starts, max_starts=MAX_STEP_STARTS)
     started = time.perf_counter()
-    env.mark(ctx, status=f"running:{step}", **{f"{step}_started": f"{time.time():.3f}"})
-    out = STEPS[step](env, ctx)
+    try:
+        env.mark(ctx, status=f"running:{step}", **{f"{step}_started": f"{time.time():.3f}"})
+        out = STEPS[step](env, ctx)
+    except BaseException:
+        _uncount_start(env, starts_key)
+        raise
     seconds = time.perf_counter() - started
     out.setdefault("timings", {})[step] = round(seconds, 4)
-    env.redis.set(done_key, json.dumps(out, default=str), ex=STEP_OUTPUT_TTL_S)
+    pipe = env.redis.pipeline(transaction=True)
+    pipe.set(done_key, json.dumps(out, default=str), ex=STEP_OUTPUT_TTL_S)
+    pipe.delete(starts_key)
+    pipe.execute()
     env.mark(ctx, status=f"done:{step}", **{f"{step}_seconds": f"{seconds:.4f}"})
     _observe(step, seconds)
     log.info("pipeline.step_done", step=step, seconds=round(seconds, 3))
     return out
+
+
+def _uncount_start(env: _Env, starts_key: str) -> None:
+    """Take back a start that ended in an exception: its process came back, so it was no lost worker."""
+    try:
+        env.redis.decr(starts_key)
+    except redis.RedisError as exc:  # Redis is what failed: the start stays counted, the task retries
+        log.warning("pipeline.step_start_not_uncounted", error=str(exc))
 
 
 def _observe(step: str, seconds: float) -> None:
@@ -396,7 +444,9 @@ def handle_failure(ctx: dict[str, Any], step: str, exc: BaseException) -> None:
 
     env = _Env()
     reason = str(exc) or type(exc).__name__
-    blocked = step == "gate" or isinstance(exc, GateFailed)  # the gate's verdict, not a breakdown
+    # Only the gate's verdict is "blocked"; anything else from the gate (a tampered production
+    # artifact, a bad policy, a lost worker) is a breakdown like in any other step.
+    blocked = isinstance(exc, GateFailed)
     env.mark(ctx, status=f"failed:{step}", failed_step=step, error=reason,
              failed_at=datetime.now(timezone.utc).isoformat())
     if not blocked:

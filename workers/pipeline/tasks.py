@@ -1,7 +1,8 @@
 """The pipeline's Celery tasks: thin shells over ``workers.pipeline.steps``.
 
 Every task: JSON in and out, ``acks_late`` + ``reject_on_worker_lost`` (a worker killed
-mid-step gives the message back), retries with exponential backoff for transient errors
+mid-step gives the message back; after ``steps.MAX_STEP_STARTS`` lost starts the step fails
+instead), retries with exponential backoff for transient errors
 (Redis connection, I/O), idempotent by pipeline id + step (a finished step's output is stored
 and returned again on a re-run, and the registry registers by pipeline id).
 """
