@@ -18,7 +18,7 @@ from config.durations import Duration, format_duration
 DEFAULT_TRUSTED_PREFIXES = (
     "sklearn.",
     "numpy.",
-    "scipy.",
+    "scipy.sparse.",  # sparse matrices only: the rest of scipy is not part of a fitted model
     "collections.",
 )
 

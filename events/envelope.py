@@ -7,6 +7,7 @@ one-line reason that goes to the caller, the HTTP response or the dead-letter st
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -25,6 +26,10 @@ MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
 class EventError(ValueError):
     """An event that cannot be accepted; ``str()`` is the reason, one line."""
+
+
+_DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+"""The start every accepted ``time`` has (the rest is pydantic's RFC 3339 parser's business)."""
 
 
 class CloudEvent(BaseModel):
@@ -52,6 +57,16 @@ class CloudEvent(BaseModel):
     def _known_type(cls, v: str) -> str:
         if v not in EVENT_TYPES:
             raise ValueError(f"unknown event type {v!r}")
+        return v
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _timestamp(cls, v: Any) -> Any:
+        # pydantic would also read a number (seconds since 1970) or a bare date: neither is RFC 3339.
+        if isinstance(v, str) and not _DATE_TIME.match(v):
+            raise ValueError("time must be an RFC 3339 timestamp like 2024-05-01T10:00:00Z")
+        if isinstance(v, (int, float)):
+            raise ValueError("time must be an RFC 3339 timestamp like 2024-05-01T10:00:00Z, not a number")
         return v
 
     @field_validator("time")

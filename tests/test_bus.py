@@ -92,13 +92,17 @@ class TestEnvelope:
         ("WRONG_TYPE", "unknown event type"),
         ("MISSING_DATA_FIELD", "missing field 'data.drift_score'"),
         ("BAD_VALUE", "drift_score"),
+        ("UNIX_TIME", "time must be an RFC 3339 timestamp"),
+        ("DATE_ONLY", "time must be an RFC 3339 timestamp"),
     ])
     def test_producer_rejects_bad_events_with_a_reason(self, raw, reason, bus):
         """Malformed JSON, a wrong type or missing fields are refused before publishing, with the reason."""
         good = new_event("drift.data", "churn", {"drift_score": 0.2}).model_dump(mode="json")
         raw = {"WRONG_TYPE": {**good, "type": "drift.nope"},
                "MISSING_DATA_FIELD": {**good, "data": {"drifted_features": []}},
-               "BAD_VALUE": {**good, "data": {"drift_score": "high"}}}.get(raw, raw) if isinstance(raw, str) else raw
+               "BAD_VALUE": {**good, "data": {"drift_score": "high"}},
+               "UNIX_TIME": {**good, "time": 1714557600},
+               "DATE_ONLY": {**good, "time": "2024-05-01"}}.get(raw, raw) if isinstance(raw, str) else raw
         with pytest.raises(EventError, match=reason):
             bus.publish(raw)
 

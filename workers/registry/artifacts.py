@@ -271,7 +271,7 @@ def default_trusted_prefixes() -> tuple[str, ...]:
 
         return tuple(get_settings().trusted_prefixes)
     except Exception:  # settings unavailable (e.g. a bad environment): fall back to the safe core
-        return ("sklearn.", "numpy.", "scipy.")
+        return ("sklearn.", "numpy.", "scipy.sparse.")
 
 
 def load_artifact(
