@@ -99,3 +99,34 @@ class Overconfident(BaseEstimator, ClassifierMixin):
 def build_logistic(C: float = 1.0, max_iter: int = 200) -> LogisticRegression:
     """A user build function (``gate_helpers:build_logistic``) returning an unfitted estimator."""
     return LogisticRegression(C=C, max_iter=max_iter)
+
+
+def minority_collapse(n: int = 1000, positive_share: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(y, production, candidate)`` labels with equal accuracy but a lost minority class.
+
+    Production finds half of the positives and raises as many false alarms as it misses; the
+    candidate never predicts the positive class. Both get exactly the same rows wrong in number,
+    so an accuracy test sees nothing, while weighted F1 drops by about 0.047.
+    """
+    rng = np.random.default_rng(seed)
+    n_pos = int(n * positive_share)
+    y = np.zeros(n, dtype=int)
+    y[rng.permutation(n)[:n_pos]] = 1
+    positives, negatives = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    production = np.zeros(n, dtype=int)
+    production[rng.choice(positives, n_pos // 2, replace=False)] = 1
+    production[rng.choice(negatives, n_pos - n_pos // 2, replace=False)] = 1
+    return y, production, np.zeros(n, dtype=int)
+
+
+class ColumnModel(BaseEstimator, ClassifierMixin):
+    """Predicts the holdout column ``column`` as its label: fixed predictions through ``run_gate``."""
+
+    def __init__(self, column: str = "pred"):
+        self.column = column
+
+    def fit(self, X, y):
+        return self
+
+    def predict(self, X):
+        return X[self.column].to_numpy()

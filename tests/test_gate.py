@@ -16,7 +16,7 @@ from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gate_helpers import Overconfident, SlowModel, make_frame  # noqa: E402
+from gate_helpers import ColumnModel, Overconfident, SlowModel, make_frame, minority_collapse  # noqa: E402
 
 from config.policy import policy_from_dict  # noqa: E402
 from workers.gate import checks  # noqa: E402
@@ -136,13 +136,20 @@ class TestNoRegression:
         assert check.extra["significant"] is True
         assert check.value < check.threshold
 
-    def test_classifier_reports_seed_fields_and_mcnemar(self, models):
-        """Classifier output carries the seed's new_f1/production_f1 and the McNemar counts."""
-        d = gate(models, "binary", "better").check("no_regression").to_dict()
+    def test_classifier_reports_seed_fields_and_the_test_used(self, models):
+        """Classifier output carries the seed's new_f1/production_f1 and the test of the compared metric:
+        a bootstrap interval for weighted F1 (the default), McNemar counts and p-value for accuracy."""
         m = models["binary"]
         y = m["holdout"]["target"]
-        assert d["new_f1"] == pytest.approx(f1_score(y, m["better"].predict(m["holdout"][FEATURES]), average="weighted"))
+        seed_f1 = f1_score(y, m["better"].predict(m["holdout"][FEATURES]), average="weighted")
+        d = gate(models, "binary", "better").check("no_regression").to_dict()
+        assert d["metric"] == "f1_weighted" and d["new_f1"] == pytest.approx(seed_f1)
+        assert d["test"] == "paired_bootstrap" and d["confidence_level"] == pytest.approx(0.95)
+        assert d["upper_bound"] >= 0 and "upper bound" in d["detail"]
+        d = gate(models, "binary", "better", primary_metric="accuracy").check("no_regression").to_dict()
+        assert d["metric"] == "accuracy" and d["new_f1"] == pytest.approx(seed_f1)
         assert d["test"] == "mcnemar_exact" and d["only_production_right"] >= 0 and 0 <= d["p_value"] <= 1
+        assert "mcnemar_exact p=" in d["detail"]
 
     @staticmethod
     def _ctx(task, y, cand, prod):
@@ -203,6 +210,99 @@ class TestNoRegression:
         assert all(c.extra["test"] == "paired_bootstrap" for c in outcomes["worse"])
         beyond = [c for c in outcomes["equal"] if c.value < -0.02]
         assert any(c.passed for c in beyond)  # a drop beyond the tolerance that is noise did not block
+
+
+class TestNoRegressionTestsTheComparedMetric:
+    """The paired test judges the metric whose drop is measured, not accuracy in its place."""
+
+    _ctx = staticmethod(TestNoRegression._ctx)
+
+    def test_minority_class_collapse_with_equal_accuracy_is_blocked(self, models):
+        """Same accuracy, minority class never predicted: weighted F1 drops 0.047 and the gate blocks,
+        though McNemar (an accuracy test) sees nothing."""
+        y, production, candidate = minority_collapse(1000, seed=0)
+        assert np.mean(candidate == y) == np.mean(production == y)
+        ctx = self._ctx("binary", y, candidate, production)
+        assert checks._mcnemar(ctx)["p_value"] > 0.5  # why the accuracy test let it through
+        holdout = pd.DataFrame({"target": y, "cand": candidate, "prod": production})
+        report = run_gate(ColumnModel("cand"), ColumnModel("prod"), holdout,
+                          policy(min_accuracy=0.5, disabled=["prediction_stability"], max_latency_p99_ms=250))
+        assert not report.passed and report.failed == ["no_regression"]
+        check = report.check("no_regression")
+        assert check.extra["metric"] == "f1_weighted" and "f1_weighted dropped 0.047" in check.detail
+        assert check.extra["test"] == "paired_bootstrap" and check.extra["significant"] is True
+        assert check.extra["upper_bound"] < 0
+
+    def test_equal_quality_candidate_passes(self):
+        """Production's predictions with a few random flips each way pass on the same holdout, and
+        candidates drawn like production on a small holdout pass even when noise drops F1 beyond 0.02."""
+        cfg = policy().gate
+        for seed in range(10):
+            y, production, _ = minority_collapse(1000, seed=seed)
+            rng = np.random.default_rng(seed)
+            flipped = production.copy()
+            for idx in (rng.choice(np.flatnonzero(production == 1), 5, replace=False),
+                        rng.choice(np.flatnonzero(production == 0), 5, replace=False)):
+                flipped[idx] = 1 - flipped[idx]
+            check = checks.check_no_regression(self._ctx("binary", y, flipped, production), cfg)
+            assert check.passed and check.extra["test"] == "paired_bootstrap", check.detail
+        rng = np.random.default_rng(0)
+        outcomes = []
+        for _ in range(40):
+            y = (rng.random(300) < 0.1).astype(int)
+            draw = lambda: np.where(y == 1, rng.random(300) < 0.5, rng.random(300) < 0.055).astype(int)  # noqa: E731
+            outcomes.append(checks.check_no_regression(self._ctx("binary", y, draw(), draw()), cfg))
+        assert np.mean([c.passed for c in outcomes]) >= 0.9
+        assert any(c.passed and c.value < -0.02 for c in outcomes)  # a noisy drop beyond tolerance did not block
+
+    def test_accuracy_regression_is_caught_by_mcnemar(self, models):
+        """With accuracy as the compared metric McNemar decides: a real accuracy drop fails, the
+        equal-accuracy minority collapse passes (its accuracy did not drop)."""
+        cfg = policy(primary_metric="accuracy").gate
+        rng = np.random.default_rng(3)
+        y = rng.integers(0, 2, 400)
+        production = np.where(rng.random(400) < 0.10, 1 - y, y)
+        candidate = np.where(rng.random(400) < 0.25, 1 - y, y)
+        check = checks.check_no_regression(self._ctx("binary", y, candidate, production), cfg)
+        assert not check.passed and check.extra["test"] == "mcnemar_exact"
+        assert check.extra["p_value"] < cfg.regression_alpha and "accuracy dropped" in check.detail
+        check = checks.check_no_regression(self._ctx("binary", *(lambda y, p, c: (y, c, p))(*minority_collapse())), cfg)
+        assert check.passed and check.extra["test"] == "mcnemar_exact" and check.value == 0
+        noisy = gate(models, "multiclass", "noisy", primary_metric="accuracy").check("no_regression")
+        assert not noisy.passed and noisy.extra["test"] == "mcnemar_exact"
+
+    def test_roc_auc_is_bootstrapped_on_probabilities(self, models):
+        """roc_auc as the compared metric: the bootstrap scores each model's probabilities."""
+        worse = gate(models, "binary", "noisy", primary_metric="roc_auc").check("no_regression")
+        assert worse.extra["metric"] == "roc_auc" and worse.extra["test"] == "paired_bootstrap"
+        assert not worse.passed and worse.extra["upper_bound"] < -0.02
+        better = gate(models, "multiclass", "better", primary_metric="roc_auc").check("no_regression")
+        assert better.passed and better.extra["test"] == "paired_bootstrap"
+
+    @pytest.mark.parametrize("labels,n_true", [([0, 1], 2), (["a", "b", "c", "d"], 3)])
+    def test_resampled_metrics_equal_sklearn(self, labels, n_true):
+        """The vectorised per-resample metrics the bootstrap uses equal sklearn's on every resample
+        (including a label no row has, predictions of it, and classes missing from a resample)."""
+        rng = np.random.default_rng(0)
+        labels = np.array(labels)
+        names = ["accuracy", "balanced_accuracy", "f1_weighted", "roc_auc"] + (["f1"] if len(labels) == 2 else [])
+        for _ in range(20):
+            n = int(rng.integers(6, 40))
+            y = rng.choice(labels[:n_true], n)
+            y[:n_true] = labels[:n_true]  # every true class present in the holdout
+            pred = rng.choice(labels, n)
+            proba = rng.dirichlet(np.ones(n_true), n).round(1)
+            proba /= proba.sum(axis=1, keepdims=True)
+            rows = rng.integers(0, n, (8, n))
+            for name in names:
+                auc = name == "roc_auc"
+                judged = labels[:n_true] if auc else labels
+                got = checks._classifier_metric_vectorized(name, y, judged)(rows, proba if auc else pred)
+                for r, value in zip(rows, got):
+                    if auc and any(np.sum(y[r] == k) in (0, len(r)) for k in judged):
+                        continue  # sklearn leaves roc_auc undefined on this resample
+                    want = checks.metric(name, y[r], pred[r], proba[r] if auc else None, judged)
+                    assert value == pytest.approx(want, abs=1e-12), (name, y[r], pred[r])
 
 
 class TestPredictionStability:

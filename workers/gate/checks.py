@@ -15,18 +15,21 @@ The checks (names are a machine-readable contract):
     regression, or ``gate.primary_metric``).
 ``no_regression`` (needs production)
     The seed's rule judged with a paired test on the same holdout rows, so noise neither
-    blocks nor passes. ``delta`` = candidate − production of weighted F1 (classifiers, as the
-    seed) or of the primary metric (regression). Exact rule: the check **fails iff**
-    ``delta < -max_regression`` **and** the drop is significant at ``regression_alpha``:
+    blocks nor passes. ``delta`` = candidate − production of the compared metric:
+    ``gate.primary_metric`` when set, else weighted F1 (classifiers, as the seed) or R²
+    (regression). Exact rule: the check **fails iff** ``delta < -max_regression`` **and** the
+    drop is significant at ``regression_alpha``, by a test of that same metric:
 
-    * classifiers — exact McNemar test on the discordant rows (``b`` = only the candidate right,
+    * accuracy — exact McNemar test on the discordant rows (``b`` = only the candidate right,
       ``c`` = only production right): one-sided ``binomtest(c, b + c, 0.5, "greater")`` p-value
-      below alpha;
-    * regression — a paired bootstrap (rows resampled jointly for both models) one-sided upper
-      ``1 - alpha`` bound of ``delta`` below zero.
+      below alpha (McNemar tests accuracy only, so it judges no other metric: a candidate with
+      production's accuracy that lost a minority class still drops weighted F1);
+    * every other metric — a paired bootstrap (rows resampled jointly for both models, seeded)
+      of the metric's difference: one-sided upper ``1 - alpha`` bound of ``delta`` below zero.
 
     A drop beyond the tolerance that the test cannot tell from noise passes (and says so); a drop
     beyond the tolerance that is real fails; a drop within the tolerance passes, as in the seed.
+    The result names the test (``test``) and its p-value or bound.
 ``prediction_stability`` (needs production)
     Correlation of positive-class scores (binary), share of identical predicted labels
     (multiclass), correlation of predictions (regression) ``>= min_prediction_correlation``.
@@ -309,6 +312,74 @@ def _regression_metric_vectorized(name: str) -> Callable[[np.ndarray, np.ndarray
     return {"r2": r2, "neg_rmse": neg_rmse, "neg_mae": neg_mae}[name]
 
 
+def _classifier_metric_vectorized(name: str, y: np.ndarray, labels: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """:func:`metric` ``name`` on many row samples at once: ``fn(rows, pred)`` → one value per sample.
+
+    ``rows`` is a ``(samples, n)`` array of holdout row indices (a bootstrap resample per line)
+    and ``pred`` a model's predictions for every holdout row (its ``proba`` for roc_auc). The
+    definitions are sklearn's as :func:`metric` calls them (``labels``, ``zero_division=0``), but
+    computed from per-sample confusion counts (ranks for roc_auc): thousands of resamples then
+    cost a few array operations instead of thousands of sklearn calls. Like sklearn, a class
+    absent from a sample's truth is left out of balanced accuracy; a roc_auc column without
+    both classes in a sample is left out of the multiclass mean (``nan`` when none is left).
+    """
+    if name == "roc_auc":
+        columns = [len(labels) - 1] if len(labels) == 2 else list(range(len(labels)))
+
+        def roc_auc(rows: np.ndarray, proba: np.ndarray) -> np.ndarray:
+            aucs = [_auc(y[rows] == labels[k], proba[rows, k]) for k in columns]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-nan sample: nan, not noise
+                return np.nanmean(aucs, axis=0)
+
+        return roc_auc
+
+    def counts(rows: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per sample and class of ``space``: true positives, true count (support), predicted count;
+        and where ``labels`` sit in ``space`` (predictions outside ``labels`` still count as errors)."""
+        space = np.union1d(labels, pred)
+        k, samples = len(space), rows.shape[0]
+        true_idx, pred_idx = np.searchsorted(space, y)[rows], np.searchsorted(space, pred)[rows]
+        cells = (np.arange(samples)[:, None] * k + true_idx) * k + pred_idx
+        cm = np.bincount(cells.ravel(), minlength=samples * k * k).reshape(samples, k, k)
+        return np.diagonal(cm, axis1=1, axis2=2), cm.sum(axis=2), cm.sum(axis=1), np.searchsorted(space, labels)
+
+    def per_class_f1(tp: np.ndarray, support: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(support + predicted > 0, 2 * tp / (support + predicted), 0.0)
+
+    def accuracy(rows: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        return (y[rows] == pred[rows]).mean(axis=-1)
+
+    def balanced_accuracy(rows: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        tp, support, _, _ = counts(rows, pred)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recall = np.where(support > 0, tp / support, 0.0)
+        return recall.sum(axis=1) / (support > 0).sum(axis=1)
+
+    def f1_weighted(rows: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        tp, support, predicted, judged = counts(rows, pred)
+        f1, weight = per_class_f1(tp, support, predicted)[:, judged], support[:, judged]
+        total = weight.sum(axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(total > 0, (f1 * weight).sum(axis=1) / total, 0.0)
+
+    def f1(rows: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        tp, support, predicted, judged = counts(rows, pred)
+        return per_class_f1(tp, support, predicted)[:, judged[-1]]
+
+    return {"accuracy": accuracy, "balanced_accuracy": balanced_accuracy, "f1_weighted": f1_weighted, "f1": f1}[name]
+
+
+def _auc(positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC AUC per line (Mann-Whitney U from average ranks, so ties count half, as in sklearn)."""
+    n_pos = positive.sum(axis=-1)
+    n_neg = positive.shape[-1] - n_pos
+    rank_sum = (st.rankdata(score, axis=-1) * positive).sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((n_pos > 0) & (n_neg > 0), (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg), np.nan)
+
+
 def _correlation(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2:
@@ -352,6 +423,14 @@ def check_minimum_performance(ctx: GateContext, cfg: GateSection) -> CheckResult
     )
 
 
+def no_regression_metric_name(task: str, cfg: GateSection) -> str:
+    """The metric ``no_regression`` compares: ``gate.primary_metric`` when set, else the seed's
+    (weighted F1 for classifiers, R² for regression)."""
+    if cfg.primary_metric or task == "regression":
+        return primary_metric_name(task, cfg)
+    return "f1_weighted"
+
+
 def _mcnemar(ctx: GateContext) -> dict[str, Any]:
     cand_ok = ctx.candidate_pred == ctx.y
     prod_ok = ctx.production_pred == ctx.y
@@ -361,17 +440,35 @@ def _mcnemar(ctx: GateContext) -> dict[str, Any]:
     return {"test": "mcnemar_exact", "only_candidate_right": b, "only_production_right": c, "p_value": p}
 
 
-def _bootstrap(ctx: GateContext, name: str, alpha: float) -> dict[str, Any]:
-    fn = _regression_metric_vectorized(name)
+def _resampled_delta(ctx: GateContext, name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """``delta(rows)``: candidate − production of metric ``name`` on each line of row indices."""
+    if ctx.is_classifier:
+        fn = _classifier_metric_vectorized(name, ctx.y, ctx.labels)
+        if name == "roc_auc":
+            cand, prod = ctx.candidate_proba, ctx.production_proba
+        else:
+            cand, prod = ctx.candidate_pred, ctx.production_pred
+        return lambda rows: fn(rows, cand) - fn(rows, prod)
+    reg = _regression_metric_vectorized(name)
     y = np.asarray(ctx.y, dtype=float)
     pc = np.asarray(ctx.candidate_pred, dtype=float)
     pp = np.asarray(ctx.production_pred, dtype=float)
+    return lambda rows: reg(y[rows], pc[rows]) - reg(y[rows], pp[rows])
 
-    def delta(y_: np.ndarray, c_: np.ndarray, p_: np.ndarray, axis: int = -1) -> np.ndarray:
-        return fn(y_, c_) - fn(y_, p_)
+
+def _paired_bootstrap(ctx: GateContext, name: str, alpha: float) -> dict[str, Any]:
+    """One-sided percentile bootstrap of the metric's candidate − production difference.
+
+    The holdout rows are resampled (seeded) and both models are scored on the same resampled
+    rows, so the interval is for the paired difference of exactly the metric being compared.
+    """
+    delta = _resampled_delta(ctx, name)
+
+    def statistic(rows: np.ndarray, axis: int = -1) -> np.ndarray:
+        return delta(np.atleast_2d(rows).astype(np.intp))
 
     res = st.bootstrap(
-        (y, pc, pp), delta, paired=True, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
+        (np.arange(len(ctx.y)),), statistic, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
         batch=BOOTSTRAP_BATCH, confidence_level=1 - alpha, alternative="less", method="percentile",
         rng=np.random.default_rng(BOOTSTRAP_SEED),
     )
@@ -381,33 +478,35 @@ def _bootstrap(ctx: GateContext, name: str, alpha: float) -> dict[str, Any]:
 
 @gate_check("no_regression", needs_production=True)
 def check_no_regression(ctx: GateContext, cfg: GateSection) -> CheckResult:
-    """No drop beyond ``max_regression`` vs production that a paired test says is real."""
+    """No drop beyond ``max_regression`` vs production that a paired test of that metric says is real."""
     alpha = cfg.regression_alpha
-    if ctx.is_classifier:
-        name = "f1_weighted"
-        new = metric(name, ctx.y, ctx.candidate_pred, None, ctx.labels)
-        prod = metric(name, ctx.y, ctx.production_pred, None, ctx.labels)
+    name = no_regression_metric_name(ctx.task, cfg)
+    cand_proba, prod_proba = (ctx.candidate_proba, ctx.production_proba) if name == "roc_auc" else (None, None)
+    new = metric(name, ctx.y, ctx.candidate_pred, cand_proba, ctx.labels)
+    prod = metric(name, ctx.y, ctx.production_pred, prod_proba, ctx.labels)
+    if name == "accuracy":  # McNemar tests exactly accuracy; any other metric needs its own test
         test = _mcnemar(ctx)
         significant = test["p_value"] < alpha
+        evidence = f"mcnemar_exact p={test['p_value']:.3g}"
     else:
-        name = primary_metric_name(ctx.task, cfg)
-        new = metric(name, ctx.y, ctx.candidate_pred, None, ctx.labels)
-        prod = metric(name, ctx.y, ctx.production_pred, None, ctx.labels)
-        test = _bootstrap(ctx, name, alpha)
+        test = _paired_bootstrap(ctx, name, alpha)
         significant = test["upper_bound"] < 0
+        evidence = f"paired_bootstrap: {1 - alpha:.0%} upper bound of delta {test['upper_bound']:+.4f}"
     delta = new - prod
     beyond = delta < -cfg.max_regression
     passed = not (beyond and significant)
     if not beyond:
-        detail = f"{name} {new:.4f} vs production {prod:.4f} (delta {delta:+.4f}, tolerance -{cfg.max_regression})"
+        detail = f"{name} {new:.4f} vs production {prod:.4f} (delta {delta:+.4f}, tolerance -{cfg.max_regression}; {evidence})"
     elif significant:
-        detail = f"{name} dropped {-delta:.4f} > {cfg.max_regression} and the drop is significant ({test['test']})"
+        detail = f"{name} dropped {-delta:.4f} > {cfg.max_regression} and the drop is significant ({evidence}, alpha {alpha})"
     else:
-        detail = f"{name} dropped {-delta:.4f} > {cfg.max_regression} but within noise ({test['test']}, alpha {alpha}); not blocking"
+        detail = f"{name} dropped {-delta:.4f} > {cfg.max_regression} but within noise ({evidence}, alpha {alpha}); not blocking"
     extra = {"metric": name, "new": new, "production": prod, "max_allowed_regression": cfg.max_regression,
              "significant": bool(significant), "alpha": alpha, **test}
-    if ctx.is_classifier:  # the seed's field names
-        extra.update(new_f1=new, production_f1=prod)
+    if ctx.is_classifier:  # the seed's field names, weighted F1 whatever metric was compared
+        seed = "f1_weighted"
+        extra.update(new_f1=new if name == seed else metric(seed, ctx.y, ctx.candidate_pred, None, ctx.labels),
+                     production_f1=prod if name == seed else metric(seed, ctx.y, ctx.production_pred, None, ctx.labels))
     return CheckResult("no_regression", passed, delta, -cfg.max_regression, detail, extra=extra)
 
 
