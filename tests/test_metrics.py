@@ -104,20 +104,22 @@ class TestEventCounters:
         assert val("retrain_decisions_total", action="start", trigger="data_drift") - decided == 1
         assert svc.consumer.stats.duplicates == 1
 
-    def test_router_and_ingest_helpers(self):
-        """observe_request counts by version and outcome and times the request; observe_ingest counts by outcome."""
-        ok = val("retrain_router_requests_total", model=MODEL, version="3", outcome="ok")
-        err = val("retrain_router_requests_total", model=MODEL, version="4", outcome="error")
-        n = val("retrain_router_request_seconds_count", model=MODEL)
-        metrics.observe_request(MODEL, 3, 0.004)
-        metrics.observe_request(MODEL, "4", 0.2, error=True)
-        assert val("retrain_router_requests_total", model=MODEL, version="3", outcome="ok") == ok + 1
-        assert val("retrain_router_requests_total", model=MODEL, version="4", outcome="error") == err + 1
-        assert val("retrain_router_request_seconds_count", model=MODEL) == n + 2
+    def test_ingest_helper_counts_by_source_and_outcome(self):
+        """observe_ingest counts accepted and rejected events by source."""
         acc, rej = (val("retrain_ingest_events_total", source="http", outcome=o) for o in ("accepted", "rejected"))
         metrics.observe_ingest("http", accepted=5, rejected=2)
         assert val("retrain_ingest_events_total", source="http", outcome="accepted") == acc + 5
         assert val("retrain_ingest_events_total", source="http", outcome="rejected") == rej + 2
+
+    def test_router_series_are_left_to_the_router(self):
+        """The router's request series live on the router's own /metrics (workers.router.server, tested
+        in test_router.py): the worker registry neither defines nor documents a second, unused set."""
+        from workers.router import server
+
+        text = generate_latest(REGISTRY).decode()
+        assert "retrain_router_" not in text
+        assert not {n for n in documented_names() if n.startswith("retrain_router_")}
+        assert "workers.router.server" in metrics.__doc__ and "retrain_router_requests_total" in server.__doc__
 
     def test_pipeline_step_durations_observed_by_the_pipeline_code(self):
         """The pipeline's own _observe hook lands in retrain_pipeline_step_seconds{step}."""

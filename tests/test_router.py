@@ -687,6 +687,114 @@ class TestHTTP:
         assert 'retrain_router_shadow_dropped_total{model="m"} 0.0' in text
         assert 'retrain_router_traffic_revision{model="m"}' in text
 
+    def test_metrics_documented_by_the_server_are_the_ones_it_exposes(self, http):
+        """Every ``retrain_router_*`` series the server's docstring lists is on its real /metrics with
+        those labels, nothing undocumented is, and the request, error, latency and feedback series
+        move with real requests."""
+        import re
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from workers.router import server
+
+        documented = {name: set(filter(None, labels.split(",")))
+                      for name, labels in re.findall(r"``(retrain_router_[a-z_]+)\{?([a-z_,]*)\}?``", server.__doc__)}
+
+        def scrape() -> dict[str, list]:
+            """Documented-style name (``_total`` for counters) -> samples, ``_created`` series left out."""
+            families = text_string_to_metric_families(http.get("/metrics").text)
+            return {f.name + ("_total" if f.type == "counter" else ""): f.samples for f in families
+                    if f.name.startswith("retrain_router_") and not f.name.endswith("_created")}
+
+        def value(series: dict[str, list], sample: str, **labels: str) -> float:
+            return sum(s.value for samples in series.values() for s in samples
+                       if s.name == sample and s.labels == labels)
+
+        before = scrape()
+        http.post("/models/m/predict", json={"request_id": "d1", "features": row()})
+        http.post("/models/m/predict", json={"request_id": "d2", "features": [row(1), row(2)]})
+        http.post("/models/m/predict", json={"features": {"a": 1.0}})
+        http.post("/models/empty/predict", json={"features": row()})
+        http.post("/models/m/feedback", json={"request_id": "d1", "label": 1})
+        after = scrape()
+        assert documented and set(documented) == set(after), set(documented) ^ set(after)
+        for name, samples in after.items():
+            assert samples, f"{name} has no series after real requests"
+            for s in samples:
+                assert set(s.labels) - {"le"} == documented[name], (s.name, s.labels)
+        moves = {
+            ("retrain_router_requests_total", (("model", "m"), ("served_by", "production"), ("version", "1"))): 2,
+            ("retrain_router_errors_total", (("kind", "features"), ("model", "m"), ("version", "1"))): 1,
+            ("retrain_router_errors_total", (("kind", "no_production"), ("model", "empty"), ("version", ""))): 1,
+            ("retrain_router_latency_seconds_count", (("model", "m"), ("version", "1"))): 2,
+            ("retrain_router_feedback_total", (("model", "m"),)): 1,
+        }
+        for (sample, labels), n in moves.items():
+            moved = value(after, sample, **dict(labels)) - value(before, sample, **dict(labels))
+            assert moved == n, (sample, labels, moved)
+
+
+@pytest.fixture
+def open_server(redis_client, keys, registry):
+    """Start real uvicorn servers on ``create_app(models, ...)`` (stopped after the test)."""
+    from workers.router.server import create_app
+
+    servers = []
+
+    def _open(models=None, **kw) -> httpx.Client:
+        server = _Server(create_app(models, client=redis_client, keys=keys, registry=registry, **kw))
+        client = server.__enter__()
+        servers.append(server)
+        return client
+
+    yield _open
+    for server in servers:
+        server.__exit__()
+
+
+class TestDiscovery:
+    def test_a_router_started_on_an_empty_registry_serves_models_registered_later(self, open_server,
+                                                                                    make_version):
+        """With no model list the router starts empty (healthz 200 saying so); a model registered
+        afterwards is served on its first request, no restart; an unregistered name is 404 with a reason."""
+        http = open_server(None, discovery_interval=0.2)
+        health = http.get("/healthz")
+        assert health.status_code == 200 and health.json()["models"] == {}
+        assert "no model" in health.json()["detail"]
+        r = http.post("/models/m/predict", json={"features": row()})
+        assert r.status_code == 404 and "unknown model 'm'" in r.json()["detail"]
+        assert "registry" in r.json()["detail"]
+        version = make_version("m", seed=0)
+        answered = wait_for(lambda: (lambda r: r if r.status_code == 200 else None)(
+            http.post("/models/m/predict", json={"request_id": "late", "features": row()})),
+            timeout=10, message="the late model served")
+        assert answered.json()["version"] == version
+        assert http.post("/models/m/feedback", json={"request_id": "late", "label": 1}).status_code == 202
+        health = http.get("/healthz")
+        assert health.status_code == 200 and health.json()["models"]["m"]["production"] == version
+        nope = http.post("/models/nope/predict", json={"features": row()})
+        assert nope.status_code == 404 and "unknown model 'nope'" in nope.json()["detail"]
+
+    def test_unknown_names_are_looked_up_at_most_once_per_interval(self, open_server, make_version, redis_client):
+        """Requests for many unregistered names cost at most one registry read per discovery interval."""
+        make_version("m", seed=0)
+        http = open_server(None, discovery_interval=30.0)
+        assert http.post("/models/m/predict", json={"features": row()}).status_code == 200
+        before = command_calls(redis_client, "smembers", "sismember", "scard", "sscan")
+        for i in range(40):
+            assert http.post(f"/models/nope-{i}/predict", json={"features": row()}).status_code == 404
+        assert command_calls(redis_client, "smembers", "sismember", "scard", "sscan") - before <= 1
+
+    def test_an_explicit_model_list_restricts_what_is_served(self, open_server, make_version):
+        """``create_app(["m"])`` serves m only: a model registered in the registry but not listed is 404."""
+        make_version("m", seed=0)
+        make_version("other", seed=1)
+        http = open_server(["m"])
+        assert http.post("/models/m/predict", json={"features": row()}).status_code == 200
+        r = http.post("/models/other/predict", json={"features": row()})
+        assert r.status_code == 404 and "unknown model 'other'" in r.json()["detail"]
+        assert set(http.get("/healthz").json()["models"]) == {"m"}
+
 
 # --------------------------------------------------------------------------- CLI
 
@@ -714,7 +822,7 @@ class TestServeCommand:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             first = json.loads(proc.stdout.readline())
-            assert first == {"url": f"http://127.0.0.1:{port}", "models": ["m"]}
+            assert first == {"url": f"http://127.0.0.1:{port}", "models": ["m"], "discover": False}
 
             def healthy():
                 try:
@@ -725,6 +833,40 @@ class TestServeCommand:
             wait_for(healthy, timeout=30, message="retrain serve healthy")
             r = httpx.post(f"http://127.0.0.1:{port}/models/m/predict", json={"features": row()}, timeout=5)
             assert r.status_code == 200 and r.json()["version"] == version
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
+
+    @pytest.mark.slow
+    def test_serve_starts_on_an_empty_registry_and_serves_a_model_registered_later(self, make_version,
+                                                                                  redis_server, redis_client):
+        """``retrain serve`` with no ``--model`` on a fresh system runs (healthz 200, no models) and
+        serves a model registered after it started, without a restart."""
+        port = free_port()
+        proc = subprocess.Popen([str(RETRAIN), "serve", "--port", str(port), "--json"],
+                                env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            first = json.loads(proc.stdout.readline() or "null")
+            assert first == {"url": base, "models": [], "discover": True}, proc.stderr.read() if proc.poll() else first
+
+            def health():
+                try:
+                    return httpx.get(f"{base}/healthz", timeout=1)
+                except httpx.HTTPError:
+                    return None
+
+            up = wait_for(health, timeout=30, message="retrain serve up")
+            assert up.status_code == 200 and up.json()["models"] == {}
+            version = make_version(seed=0)
+
+            def served():
+                r = httpx.post(f"{base}/models/m/predict", json={"features": row()}, timeout=5)
+                return r if r.status_code == 200 else None
+
+            assert wait_for(served, timeout=30, message="the late model served").json()["version"] == version
+            assert proc.poll() is None
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(20)

@@ -1,6 +1,9 @@
-"""Prometheus metrics of the retraining system: one set of names for workers, router and ingest.
+"""Prometheus metrics of the retraining system: one set of names for the workers and ingest.
 
-Every name starts with ``retrain_``. Two kinds:
+Every name starts with ``retrain_``. The router serves its own ``/metrics`` from its own registry
+(requests, errors and latency by model and version, shadow, request log, traffic table): those
+series are listed, and tested against its real endpoint, in :mod:`workers.router.server`, and
+are not defined here. Two kinds:
 
 *Instrumented* (counted where the work happens, per process):
 
@@ -23,8 +26,6 @@ Every name starts with ``retrain_``. Two kinds:
                                                        rolled_back, aborted
 ``retrain_rollbacks_total{model,kind}``                rollbacks: ``automatic``, ``manual``, ``aborted``
 ``retrain_alerts_total{severity}``                     alerts raised
-``retrain_router_requests_total{model,version,outcome}`` predictions served (``ok``/``error``)
-``retrain_router_request_seconds{model}``              histogram of prediction latency
 ``retrain_ingest_events_total{source,outcome}``        events offered to HTTP ingest / adapters / emit
                                                        (``accepted``/``rejected``)
 =====================================================  ==================================================
@@ -94,7 +95,6 @@ ROLLOUT_STATUSES = ("none", "shadow", "canary", "progressive", "paused", "comple
 ALIASES = ("production", "candidate", "previous")
 
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 _GAUGE_MODE = "livemostrecent"
 """Multiprocess mode of the state gauges: only the process that refreshes them writes them."""
@@ -116,10 +116,6 @@ ROLLOUT_TRANSITIONS = Counter(f"{PREFIX}_rollout_transitions", "Rollout lifecycl
                               ["model", "transition"])
 ROLLBACKS = Counter(f"{PREFIX}_rollbacks", "Rollbacks by kind (automatic|manual|aborted).", ["model", "kind"])
 ALERTS = Counter(f"{PREFIX}_alerts", "Alerts raised, by severity.", ["severity"])
-ROUTER_REQUESTS = Counter(f"{PREFIX}_router_requests", "Predictions served, by version and outcome (ok|error).",
-                          ["model", "version", "outcome"])
-ROUTER_LATENCY = Histogram(f"{PREFIX}_router_request_seconds", "Prediction latency on the request path.",
-                           ["model"], buckets=LATENCY_BUCKETS)
 INGEST_EVENTS = Counter(f"{PREFIX}_ingest_events", "Events offered to ingest (HTTP, adapters, emit).",
                         ["source", "outcome"])
 
@@ -241,12 +237,6 @@ def observe_gate(data: Mapping[str, Any], *, passed: bool | None = None, count_f
             GATE_CHECKS.labels(check=str(name), result="fail").inc()
     if not verdict and count_failure:
         PIPELINE_FAILURES.labels(step="gate").inc()
-
-
-def observe_request(model: str, version: str | int | None, seconds: float, *, error: bool = False) -> None:
-    """Count one prediction served by the router and its latency (generic: any serving code may call it)."""
-    ROUTER_REQUESTS.labels(model=model, version=str(version or "none"), outcome="error" if error else "ok").inc()
-    ROUTER_LATENCY.labels(model=model).observe(seconds)
 
 
 def observe_ingest(source: str, accepted: int = 0, rejected: int = 0) -> None:
@@ -687,8 +677,8 @@ __all__ = [
     "ALERTS", "DEAD_LETTERS", "DECISIONS", "EVENTS_INGESTED", "GATE_CHECKS", "GATE_OUTCOMES", "INGEST_EVENTS",
     "MODEL_VERSION", "PIPELINE_FAILURES", "PIPELINE_IN_FLIGHT", "PIPELINE_STEP_SECONDS", "QUEUE_LENGTH",
     "ROLLBACKS", "ROLLOUT_CANDIDATE_PERCENT", "ROLLOUT_PHASE", "ROLLOUT_STATE", "ROLLOUT_TRANSITIONS",
-    "ROLLOUT_WAITING_SECONDS", "ROUTER_LATENCY", "ROUTER_REQUESTS", "STREAM_LAG", "STREAM_LAG_SECONDS",
+    "ROLLOUT_WAITING_SECONDS", "STREAM_LAG", "STREAM_LAG_SECONDS",
     "STREAM_LENGTH", "STREAM_PENDING", "MetricsServer", "RedisState", "collect_from_redis", "count_undelivered",
-    "metric_names", "observe_events", "observe_gate", "observe_ingest", "observe_request", "read_redis_state",
+    "metric_names", "observe_events", "observe_gate", "observe_ingest", "read_redis_state",
     "start_metrics_server", "start_metrics_server_from_env", "track_consumer",
 ]

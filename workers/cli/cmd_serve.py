@@ -23,21 +23,25 @@ def _check_bindable(host: str, port: int) -> None:
             fail(f"cannot listen on {host}:{port}: {exc.strerror}")
 
 
-def _models_to_serve(requested: list[str]) -> list[str]:
+def _models_to_serve(requested: list[str]) -> tuple[list[str] | None, list[str]]:
+    """``(names to restrict to, or None for every registered model; models registered now)``.
+
+    Without ``--model`` an empty registry is fine (a fresh system): the server starts with no
+    model and serves each one from its first request after it is registered.
+    """
     from workers.cli._common import connect
     from workers.registry.store import Registry
 
     client, keys = connect()
     known = Registry(client, keys).models()
     if not requested:
-        if not known:
-            fail("the registry holds no models yet; pass --model NAME")
-        return known
+        return None, known
     unknown = [m for m in requested if m not in known]
     if unknown:
         hint = f" (known: {', '.join(known[:10])})" if known else " (the registry holds no models)"
         fail(f"unknown model {unknown[0]!r}{hint}")
-    return list(dict.fromkeys(requested))
+    names = list(dict.fromkeys(requested))
+    return names, names
 
 
 def register(app: typer.Typer) -> None:
@@ -46,14 +50,15 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on."),
         port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
         model: list[str] = typer.Option(None, "--model", "-m",
-                                        help="Model to serve (repeat for several; default: every registered model)."),
+                                        help="Serve only this model (repeat for several; default: every model "
+                                             "in the registry, including ones registered after the start)."),
         log_level: str = typer.Option("warning", "--log-level", help="uvicorn log level."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the address, then serve."),
     ) -> None:
         """Serve predictions through the router: traffic split from Redis, shadow, request log, feedback."""
         if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
             fail(f"unknown log level {log_level!r}")
-        names = _models_to_serve([m for m in (model or []) if m] if model else [])
+        names, serving = _models_to_serve([m for m in (model or []) if m] if model else [])
         _check_bindable(host, port)
 
         import uvicorn
@@ -65,5 +70,5 @@ def register(app: typer.Typer) -> None:
         settings = get_settings()
         configure_logging(settings.log_level, settings.log_format)
         if as_json:
-            print_json({"url": f"http://{host}:{port}", "models": names})
+            print_json({"url": f"http://{host}:{port}", "models": serving, "discover": names is None})
         uvicorn.run(create_app(names), host=host, port=port, log_level=log_level.lower(), access_log=False)
