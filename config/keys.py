@@ -10,6 +10,13 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+"""A model name: in every key and every event subject of the model (policies, events, the CLI)."""
+
+
+class StreamLayoutError(ValueError):
+    """The Redis holds event streams written with another shard count than this process uses."""
+
 
 @dataclass(frozen=True)
 class Keys:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from config.durations import Duration
+from config.keys import MODEL_NAME_PATTERN
 
 Task = Literal["binary", "multiclass", "regression"]
 
@@ -24,7 +25,8 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    name: str = Field(min_length=1, pattern=MODEL_NAME_PATTERN)
+    """At most 128 characters, as event subjects (every event of the model carries it)."""
     task: Task = "binary"
     target: str = "target"
 
@@ -168,11 +170,18 @@ def _default_phases() -> list[Phase]:
 
 
 class RolloutSection(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tick(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "tick" in data:  # an earlier version accepted it and ignored it
+            raise ValueError("'tick' is not a policy setting: every rollout advances on the workers' tick, "
+                             "RETRAIN_ROLLOUT_TICK; remove it")
+        return data
+
     phases: list[Phase] = Field(default_factory=_default_phases, min_length=1)
     max_wait: Duration = timedelta(hours=2)
     """Longest a phase waits for evidence before ``on_insufficient_evidence`` applies."""
     on_insufficient_evidence: Literal["pause", "abort"] = "pause"
-    tick: Duration = timedelta(seconds=10)
     min_agreement: float = Field(0.9, ge=0, le=1)
     """Shadow: minimum prediction agreement (classes) or score correlation with production."""
     max_score_psi: float = Field(0.25, ge=0)

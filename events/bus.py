@@ -40,7 +40,7 @@ from typing import Any
 import redis
 import structlog
 
-from config.keys import Keys
+from config.keys import Keys, StreamLayoutError
 from events.envelope import CloudEvent, EventError, parse_event, stream_json, utf8_size
 
 log = structlog.get_logger(__name__)
@@ -205,6 +205,7 @@ class EventBus:
         self.maxlen = maxlen
         self.max_event_bytes = max_event_bytes
         self._stream_of: dict[str, str] = {}
+        self._layout_checked = False
 
     @classmethod
     def from_settings(cls, client: redis.Redis, settings) -> "EventBus":
@@ -263,6 +264,9 @@ class EventBus:
     def _write(self, by_stream: dict[str, list[str]]) -> None:
         # EVAL with the (small) body rather than EVALSHA: no SCRIPT EXISTS round trip per
         # chunk, and no NOSCRIPT failure of some shards after a server restart.
+        if not self._layout_checked:
+            check_stream_layout(self.redis, self.keys)
+            self._layout_checked = True
         pipe = self.redis.pipeline(transaction=False)
         for stream, payloads in by_stream.items():
             pipe.eval(XADD_MANY, 1, stream, self.maxlen, *payloads)
@@ -338,6 +342,24 @@ class EventBus:
         event_id = self.publish(event)
         self.redis.xdel(self.keys.dead_letters(), entry_id)
         return event_id
+
+
+def check_stream_layout(client: redis.Redis, keys: Keys) -> None:
+    """Record the shard count on first use; refuse a process that counts shards differently.
+
+    A model's events go to shard ``crc32(model) % shards``: a publisher or consumer with another
+    count would write to or read from the wrong streams, and the events of some models would sit
+    in shards nobody reads.
+    """
+    pipe = client.pipeline(transaction=False)
+    pipe.set(keys.stream_layout(), keys.shards, nx=True)
+    pipe.get(keys.stream_layout())
+    stored = pipe.execute()[1]
+    if stored is not None and int(stored) != keys.shards:
+        raise StreamLayoutError(
+            f"this Redis holds event streams written with {int(stored)} shards, and this process uses "
+            f"{keys.shards} (RETRAIN_STREAM_SHARDS): events would land in shards nobody reads; use "
+            f"{int(stored)}, or drain every consumer group and delete {keys.stream_layout()} to change it")
 
 
 def _s(value: Any) -> Any:
@@ -436,6 +458,8 @@ class StreamConsumer:
         )
 
     def ensure_group(self) -> None:
+        """Check the shard layout (:func:`check_stream_layout`) and create the group on every shard."""
+        check_stream_layout(self.redis, self.keys)
         for stream in self.streams:
             try:
                 self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)

@@ -17,11 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from pydantic_core import PydanticSerializationError
 from typing_extensions import NotRequired, TypedDict
 
+from config.keys import MODEL_NAME_PATTERN
 from events.types import EVENT_TYPES, EventData
 
 SPEC_VERSION = "1.0"
 DEFAULT_SOURCE = "urn:retrain"
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 
 
 class EventError(ValueError):

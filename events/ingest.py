@@ -296,12 +296,18 @@ def create_app(
                 raise _TooLarge(f"body is over the limit of {limit} bytes")
         return bytes(body)
 
-    async def publish(events: list[CloudEvent]) -> list[str] | JSONResponse:
+    def count(source: str, accepted: int = 0, rejected: int = 0) -> None:
+        from workers.metrics import observe_ingest
+
+        observe_ingest(source, accepted=accepted, rejected=rejected)
+
+    async def publish(events: list[CloudEvent], source: str) -> list[str] | JSONResponse:
         import redis
 
         refused = [{"index": i, "id": e.id, "reason": reason} for i, e in enumerate(events)
                    if (reason := signal_only(e.type))]
         if refused:  # the adapters map to signals only; a defence, nothing should land here
+            count(source, rejected=len(events))
             return _problem(400, refused[0]["reason"], rejected=refused, accepted=[])
         try:
             result = await run_in_threadpool(get_bus().publish_many, events)
@@ -312,13 +318,11 @@ def create_app(
             reason = _redis_refusal(exc)
             log.warning("ingest.bus_refused", error=reason)
             return _problem(503, f"event bus refused the write ({reason}); nothing acknowledged, retry")
+        count(source, accepted=len(result.published), rejected=len(result.rejected))
         if result.rejected:  # only size checks remain at this point; nothing should land here
             return _problem(400, "event(s) refused by the bus", accepted=result.published,
                             rejected=[{"index": i, "reason": r} for i, r in result.rejected])
         log.debug("ingest.accepted", count=len(result.published))
-        from workers.metrics import observe_ingest
-
-        observe_ingest("http", accepted=len(result.published))
         return result.published
 
     def media_type(request: Request) -> str:
@@ -351,22 +355,27 @@ def create_app(
             try:
                 items: list[Any] = [binary_event(request, body)]
             except EventError as exc:
+                count("http", rejected=1)
                 return _problem(400, str(exc), rejected=[{"index": 0, "reason": str(exc)}])
         else:
             try:
                 payload = load_json(body, strict=True)
             except ValueError as exc:
                 reason = f"malformed JSON: {exc}"
+                count("http", rejected=1)
                 return _problem(400, reason, rejected=[{"index": 0, "reason": reason}])
             if kind == BATCH_TYPE and not isinstance(payload, list):
                 reason = "a batch must be a JSON array of events"
+                count("http", rejected=1)
                 return _problem(400, reason, rejected=[{"index": 0, "reason": reason}])
             if isinstance(payload, list):
                 if len(payload) > max_batch:
+                    count("http", rejected=len(payload))
                     raise _TooLarge(f"batch of {len(payload)} events is over the limit of {max_batch}")
                 items = payload
             else:
                 if len(body) > max_event_bytes:
+                    count("http", rejected=1)
                     raise _TooLarge(f"event of {len(body)} bytes is over the limit of {max_event_bytes}")
                 items = [payload]
         events: list[CloudEvent] = []
@@ -386,8 +395,9 @@ def create_app(
         if rejected:
             what = "event is invalid" if len(items) == 1 else f"{len(rejected)} of {len(items)} events are invalid; none was published"
             log.info("ingest.rejected", count=len(rejected), first=rejected[0]["reason"])
+            count("http", rejected=len(items))  # a batch is refused whole
             return _problem(400, what if len(items) > 1 else rejected[0]["reason"], rejected=rejected, accepted=[])
-        published = await publish(events)
+        published = await publish(events, "http")
         if isinstance(published, JSONResponse):
             return published
         return {"accepted": published, "count": len(published)}
@@ -403,13 +413,17 @@ def create_app(
             result = alertmanager_events(load_json(body), max_event_bytes=max_event_bytes)
         except ValueError as exc:  # AdapterError and malformed JSON
             reason = str(exc) if isinstance(exc, AdapterError) else f"malformed JSON: {exc}"
+            count("alertmanager", rejected=1)
             return _problem(400, reason)
         if len(result.events) > max_batch:
+            count("alertmanager", rejected=len(result.events) + len(result.rejected))
             raise _TooLarge(f"{len(result.events)} alerts are over the limit of {max_batch}")
+        if result.rejected:
+            count("alertmanager", rejected=len(result.rejected))
         if result.rejected and not result.events:
             return _problem(400, f"no alert could be mapped ({len(result.rejected)} rejected)",
                             rejected=result.rejected, accepted=[], ignored_resolved=result.ignored_resolved)
-        published = await publish(result.events) if result.events else []
+        published = await publish(result.events, "alertmanager") if result.events else []
         if isinstance(published, JSONResponse):
             return published
         return {"accepted": published, "count": len(published), "rejected": result.rejected,
@@ -427,8 +441,9 @@ def create_app(
             event = evidently_event(load_json(body), model, max_event_bytes=max_event_bytes)
         except (ValueError, EventError) as exc:
             reason = str(exc) if isinstance(exc, (AdapterError, EventError)) else f"malformed JSON: {exc}"
+            count("evidently", rejected=1)
             return _problem(400, reason)
-        published = await publish([event])
+        published = await publish([event], "evidently")
         if isinstance(published, JSONResponse):
             return published
         return {"accepted": published, "count": len(published)}

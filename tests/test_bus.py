@@ -300,6 +300,23 @@ class TestConsumer:
         drain(make_consumer(redis_client, keys, claim_idle_ms=60_000))
         assert redis_client.hget(EFFECTS, e.id) == b"1"
 
+    def test_a_process_with_another_shard_count_is_refused(self, bus, redis_client, keys):
+        """Streams written with 4 shards: a publisher or consumer counting 8 would lose models' events."""
+        from config.keys import StreamLayoutError
+
+        bus.publish(new_event("volume.accumulated", "m", {"new_samples": 5}))
+        other = Keys(prefix=keys.prefix, shards=keys.shards * 2)
+        with pytest.raises(StreamLayoutError, match=f"written with {keys.shards} shards, and this process uses "
+                                                    f"{keys.shards * 2}"):
+            EventBus(redis_client, other).publish(new_event("volume.accumulated", "m", {"new_samples": 6}))
+        with pytest.raises(StreamLayoutError):
+            make_consumer(redis_client, other)
+        streams = set(other.all_event_streams()) | set(keys.all_event_streams())
+        assert sum(redis_client.xlen(st) for st in streams) == 1  # the refused publish wrote nothing
+        make_consumer(redis_client, keys)  # the same count is fine
+        drain(make_consumer(redis_client, keys))
+        assert redis_client.hlen(EFFECTS) == 1
+
     def test_ack_only_after_the_effect_commits(self, bus, redis_client, keys):
         """When the handler fails, nothing is acked and the entry stays pending for a retry."""
         e = new_event("volume.accumulated", "m", {"new_samples": 5})

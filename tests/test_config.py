@@ -60,6 +60,9 @@ class TestPolicy:
          "must not decrease traffic"),
         ('[data]\nsource="x"\n', "missing key 'model'"),
         ('[model\nname="m"', "not valid TOML"),
+        ('[model]\nname="m"\n[rollout]\ntick = "10s"\n', "'tick' is not a policy setting"),
+        ('[model]\nname="' + "m" * 129 + '"\n', "model.name: String should match pattern"),
+        ('[model]\nname="m"\n[triggers]\ncooldown = "99999999999d"\n', "triggers.cooldown: duration '99999999999d' is too long"),
     ])
     def test_bad_policy_gives_one_clear_error(self, tmp_path, toml, message):
         """A typo'd key, a bad duration, a negative threshold, ... each give one line naming the problem."""

@@ -570,6 +570,33 @@ class TestHealthAndOpenAPI:
         assert http.post("/events", json=event_json(), headers=AUTH).status_code == 202
         assert accepted() == before + 1
 
+    def test_metrics_count_rejected_events_by_source(self, http):
+        """Refused events count as rejected, under the path they came in by (http, alertmanager, evidently)."""
+        def counts():
+            out = {}
+            for line in http.get("/metrics").text.splitlines():
+                if line.startswith("retrain_ingest_events_total{"):
+                    labels, value = line.rsplit(" ", 1)
+                    out[labels] = float(value)
+            return out
+
+        def key(outcome, source):
+            return f'retrain_ingest_events_total{{outcome="{outcome}",source="{source}"}}'
+
+        before = counts()
+        bad_batch = [event_json(), {**event_json(), "type": "drift.nope"}]
+        assert http.post("/events", json=bad_batch, headers=AUTH).status_code == 400
+        assert http.post("/events", content=b"{broken", headers={**AUTH, "Content-Type": STRUCTURED_TYPE}).status_code == 400
+        am = webhook(alert("churn", "drift", fingerprint="r1", value=0.3), alert("churn", "weather", value=1))
+        assert http.post("/adapters/alertmanager", json=am, headers=AUTH).status_code == 202
+        assert http.post("/adapters/evidently", params={"model": "churn"}, json={"metrics": []},
+                         headers=AUTH).status_code == 400
+        after = counts()
+        grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        assert grew[key("rejected", "http")] == 3  # the batch of two, refused whole, and the malformed body
+        assert grew[key("rejected", "alertmanager")] == 1 and grew[key("accepted", "alertmanager")] == 1
+        assert grew[key("rejected", "evidently")] == 1
+
     def test_healthz_reports_redis(self, http, redis_server, keys):
         """/healthz is 200 with Redis up (no token needed) and 503 when Redis is unreachable."""
         r = http.get("/healthz")

@@ -106,7 +106,9 @@ def describe_unexpected(exc: Exception) -> tuple[str, int]:
         return problem, USAGE_ERROR
     message = one_line(exc)
     line = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return line, USAGE_ERROR if isinstance(exc, UnicodeDecodeError) else 1
+    from config.keys import StreamLayoutError
+
+    return line, USAGE_ERROR if isinstance(exc, (UnicodeDecodeError, StreamLayoutError)) else 1
 
 
 def run_app(app: typer.Typer, args: list[str] | None = None) -> int:

@@ -31,6 +31,8 @@ class EventConsumerStep(bootsteps.StartStopStep):
 
         name = f"{worker.hostname or socket.gethostname()}"
         self.service = DecisionService.from_settings(consumer_name=name)
+        # Here, not in the thread: a worker whose shard count disagrees with the data must not start.
+        self.service.consumer.ensure_group()
         from workers.metrics import track_consumer
 
         track_consumer(self.service.consumer)
