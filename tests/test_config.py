@@ -151,6 +151,19 @@ class TestCelery:
                     spelled.append(str(path.relative_to(ROOT)))
         assert spelled == []
 
+    def test_a_training_worker_drains_training_high_before_training_low(self, celery_app, start_worker):
+        """Low-urgency messages queued before three high-urgency ones: a free training worker takes every
+        high one first (queue_order_strategy "priority"), not in arrival order nor in turns."""
+        low = [celery_app.send_task("retrain.echo", args=[i], kwargs={"label": "low"}, queue="training.low")
+               for i in range(4)]
+        high = [celery_app.send_task("retrain.echo", args=[i], kwargs={"label": "high"}, queue="training.high")
+                for i in range(3)]
+        start_worker("training", concurrency=1)
+        for result in [*low, *high]:
+            result.get(timeout=30)
+        done = sorted([(r.date_done, "low") for r in low] + [(r.date_done, "high") for r in high])
+        assert [label for _, label in done] == ["high"] * 3 + ["low"] * 4, done
+
     def test_roles_cover_the_pipeline_queues(self):
         """Every role has its queues; training consumes high before low."""
         assert ROLE_QUEUES["training"] == ("training.high", "training.low")
