@@ -119,6 +119,12 @@ class TestBatches:
         assert [b.lo for b in cut[1:]] == [b.hi for b in cut[:-1]] and cut[0].lo == 0 and cut[-1].hi == 97
         assert cut[-1].end > t.iloc[-1]
 
+    def test_a_zero_batch_length_is_an_error_not_the_default(self):
+        """``batch=0`` is refused like any non-positive length (it was taken as 'one day')."""
+        t = pd.Series(pd.date_range("2024-01-01", periods=48, freq="h", tz="UTC"))
+        with pytest.raises(BacktestError, match="must be positive"):
+            split_batches(t, batch=timedelta(0))
+
     def test_too_few_batches_is_an_error(self, stable):
         """With no batch left after the warm-up, the replay refuses instead of reporting nothing."""
         with pytest.raises(BacktestError, match="warm-up"):
@@ -246,6 +252,13 @@ class TestCli:
         assert proc.returncode == 0, proc.stderr
         assert "every batch" in proc.stdout and "policy" in proc.stdout and "retrains" in proc.stdout
         assert not proc.stdout.lstrip().startswith("{")
+
+    def test_a_zero_batch_exits_2_with_one_line(self, files):
+        proc = run_cli("--policy", str(files / "policy.toml"), "--data", str(files / "data.parquet"),
+                       "--batch", "0s", "--json")
+        assert proc.returncode == 2 and proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "batch length must be positive" in lines[0]
 
     @pytest.mark.parametrize(
         ("case", "message"),

@@ -151,3 +151,155 @@ class TestLastResort:
         with pytest.raises(SystemExit) as exit_:
             run_app(self.app_raising(SystemExit(3)), [])
         assert exit_.value.code == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TestFlagInput:
+    def test_emit_of_an_unknown_type_is_one_stderr_line(self, redis_env):
+        """``emit --type bogus.type``: the flags are the input, so exit 2 and one stderr line, nothing on stdout."""
+        out = run("emit", "--type", "bogus.type", "--model", "churn", env=redis_env)
+        assert_one_line(out, 2, "unknown event type 'bogus.type'")
+        assert out.stdout == ""
+
+    def test_emit_of_a_bad_subject_is_not_wrapped(self, redis_env):
+        out = run("emit", "--type", "drift.data", "--model", "bad model!", "--set", "drift_score=0.3", "--json",
+                  env={**redis_env, "COLUMNS": "40"})
+        assert_one_line(out, 2, "subject", "should match pattern")
+        assert out.stdout == ""
+
+    def test_an_unknown_worker_pool_is_one_line(self, redis_env):
+        """``worker --pool bogus`` is refused before Celery starts: one line naming the choices."""
+        out = run("worker", "--role", "decision", "--pool", "bogus", env=redis_env)
+        assert_one_line(out, 2, "--pool", "'bogus'", "prefork", "solo")
+
+    def test_a_bad_cli_log_level_is_one_line(self, redis_env):
+        out = run("status", env={**redis_env, "RETRAIN_CLI_LOG_LEVEL": "bogus"})
+        assert_one_line(out, 2, "RETRAIN_CLI_LOG_LEVEL", "'bogus'", "WARNING")
+
+    @pytest.mark.parametrize("option", ["--serve-port", "--ingest-port", "--flower-port", "--redis-port"])
+    def test_up_refuses_a_port_out_of_range(self, option, redis_env):
+        """``up`` checks its ports (0 = none) before it starts anything."""
+        out = run("up", "--no-beat", option, "70000", env={**redis_env, "RETRAIN_INGEST_TOKEN": "t" * 32})
+        assert_one_line(out, 2, f"'{option}'", "65535")
+
+
+class TestUp:
+    def test_an_unreachable_external_redis_is_the_usual_line(self, tmp_path):
+        """``up`` with RETRAIN_REDIS_URL on a closed port: exit 2 'cannot reach Redis', no password, nothing started."""
+        url = f"redis://:s3cret@127.0.0.1:{free_port()}/0"
+        out = run("up", "--no-beat", env={"RETRAIN_REDIS_URL": url, "RETRAIN_STATE_DIR": str(tmp_path / "state")})
+        line = assert_one_line(out, 2, "cannot reach Redis (ConnectionError)")
+        assert "s3cret" not in line
+        assert not list((tmp_path / "state" / "logs").glob("*.log"))
+
+    def test_a_child_that_exits_gives_its_own_reason(self, redis_env, tmp_path):
+        """The router cannot bind its port: the one error line carries the router's last log line,
+        not what an earlier run left in the same log."""
+        logs = tmp_path / "state" / "logs"
+        logs.mkdir(parents=True)
+        (logs / "router.log").write_text("error: an earlier run's complaint\n")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            out = run_up("--roles", "", "--no-beat", "--serve-port", str(port), env=redis_env)
+        line = assert_one_line(out, 2, "router exited with status 2", f"cannot listen on 127.0.0.1:{port}",
+                               str(logs / "router.log"))
+        assert "earlier run" not in line
+
+
+def run_up(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """``retrain up ...`` expected to stop by itself; if it does not, SIGTERM makes it stop its children."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN_")}
+    proc = subprocess.Popen([str(RETRAIN), "up", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**base, **env}, cwd=ROOT)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=30)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+class TestForcedPromotionRefused:
+    def test_a_refused_forced_promotion_keeps_the_rejection(self, redis_client, keys, redis_env):
+        """``promote --version V --force`` while another rollout runs: exit 2, V stays rejected, no override note."""
+        from workers.registry.store import ModelVersion, Registry
+
+        registry = Registry(redis_client, keys)
+        for status in ("production", "rejected", "staged"):
+            registry.register(ModelVersion(model="m", version=0, status=status, artifact_uri="file:///x.skops",
+                                           sha256="0" * 64))
+        registry.update("m", 2, gate={"checks": [{"name": "latency", "passed": False}]})
+        registry.set_alias("m", "production", 1, who="t", why="setup")
+        started = run("promote", "m", "--version", "3", "--who", "ana", "--json", env=redis_env)
+        assert started.returncode == 0, started.stderr
+        out = run("promote", "m", "--version", "2", "--force", "--reason", "flaky check", "--who", "ana", env=redis_env)
+        assert_one_line(out, 2, "a rollout of m v3 is still")
+        record = registry.get("m", 2)
+        assert record.status == "rejected"
+        assert not [n for n in record.notes if n.get("kind") == "gate_override"]
+        assert record.notes[-1]["why"].startswith("gate override not applied")
+
+
+class TestDemoFolder:
+    def test_a_folder_the_demo_did_not_make_is_refused_and_kept(self, tmp_path):
+        """``demo --state-dir`` on a non-empty folder without the demo's marker: exit 2, nothing deleted."""
+        folder = tmp_path / "mine"
+        folder.mkdir()
+        (folder / "keep.txt").write_text("precious")
+        out = run("demo", "--json", "--state-dir", str(folder), env={"RETRAIN_STATE_DIR": str(tmp_path / "state")})
+        assert_one_line(out, 2, str(folder), "not made by the demo")
+        assert (folder / "keep.txt").read_text() == "precious"
+
+    def test_reset_refuses_a_foreign_folder_and_clears_its_own(self, tmp_path):
+        from workers.demo.run import MARKER, StateDirRefused, reset_state_dir
+
+        foreign = tmp_path / "foreign"
+        foreign.mkdir()
+        (foreign / "keep.txt").write_text("precious")
+        with pytest.raises(StateDirRefused, match="not made by the demo"):
+            reset_state_dir(foreign)
+        assert (foreign / "keep.txt").read_text() == "precious" and not (foreign / MARKER).exists()
+
+        ours = tmp_path / "demo"
+        reset_state_dir(ours)  # new: made and marked
+        assert [p.name for p in ours.iterdir()] == [MARKER]
+        (ours / "logs").mkdir()
+        (ours / "logs" / "old.log").write_text("last run")
+        (ours / "link").symlink_to(foreign)
+        reset_state_dir(ours)  # a previous demo folder: cleared and reused; a link's target stays
+        assert [p.name for p in ours.iterdir()] == [MARKER]
+        assert (foreign / "keep.txt").read_text() == "precious"
+
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        reset_state_dir(empty)  # an empty folder holds nothing to lose
+        assert (empty / MARKER).is_file()
+
+    def test_a_dead_worker_still_gives_the_json_result(self, tmp_path):
+        """A process of the system dies: ``run()`` returns the failure result (what ``--json`` prints)
+        with the process's own last log line, instead of raising."""
+        import json
+        import sys
+
+        from workers.demo.run import Demo
+        from workers.supervisor import LocalSystem
+
+        class DyingWorker(Demo):
+            def start_system(self) -> None:
+                self.system = LocalSystem(self.state_dir)
+                self.system.spawn("worker-training", [sys.executable, "-c",
+                                                      "print('MemoryError: out of memory'); raise SystemExit(3)"])
+                self.wait(lambda: False, 30, "the workers")
+
+        result = DyingWorker(tmp_path / "demo", live=False, say=lambda text: None).run()
+        assert result["ok"] is False
+        assert result["error"].startswith("worker-training exited with status 3: MemoryError: out of memory")
+        assert all(s["outcome"] == "not run" for s in result["scenarios"])
+        json.dumps(result)

@@ -161,7 +161,7 @@ def split_batches(
         origin = first
         idx = np.minimum(((times - origin) / length).to_numpy(dtype=float).astype(np.int64), batches - 1)
     else:
-        length = pd.Timedelta(batch or DEFAULT_BATCH)
+        length = pd.Timedelta(DEFAULT_BATCH if batch is None else batch)
         if length <= pd.Timedelta(0):
             raise BacktestError("batch length must be positive")
         epoch = pd.Timestamp(0, tz="UTC")
@@ -667,7 +667,8 @@ def _run(frame: pd.DataFrame, policy: Policy, batch: timedelta | str | None, bat
         training_failures=counts["training_failed"],
         rows=int(len(frame)),
         warmup=warmup,
-        batch=None if batches is not None else format_duration(pd.Timedelta(batch or DEFAULT_BATCH).to_pytimedelta()),
+        batch=None if batches is not None else format_duration(
+            pd.Timedelta(DEFAULT_BATCH if batch is None else batch).to_pytimedelta()),
         periodic=periodic_text,
         elapsed_seconds=time.perf_counter() - started,
         notes=notes,

@@ -36,13 +36,23 @@ def _load_commands() -> None:
 _load_commands()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""What ``RETRAIN_CLI_LOG_LEVEL`` may be (any case; unset or empty means WARNING)."""
+
+
 def main() -> None:
     import os
 
     from config.logs import configure_logging
-    from workers.cli._common import run_app
+    from workers.cli._common import USAGE_ERROR, run_app
 
     # Commands talk on stdout; library logs go to stderr, quiet unless asked for.
-    configure_logging(os.environ.get("RETRAIN_CLI_LOG_LEVEL", "WARNING"), os.environ.get("RETRAIN_LOG_FORMAT", "auto"))
+    asked = os.environ.get("RETRAIN_CLI_LOG_LEVEL", "")
+    level = asked.strip().upper() or "WARNING"
+    if level not in LOG_LEVELS:
+        sys.stderr.write(f"error: invalid setting RETRAIN_CLI_LOG_LEVEL: {asked!r} is not one of "
+                         f"{', '.join(LOG_LEVELS)}\n")
+        sys.exit(USAGE_ERROR)
+    configure_logging(level, os.environ.get("RETRAIN_LOG_FORMAT", "auto"))
 
     sys.exit(run_app(app))

@@ -107,21 +107,27 @@ def register(app: typer.Typer) -> None:
             record = control.registry.get(model, version)
         except RegistryError as exc:
             fail(str(exc))
-        if record.status == "rejected":
+        override = record.status == "rejected"
+        if override:
             if not force:
                 fail(f"v{version} was rejected by the gate ({', '.join(_failed(record))}); "
                      "use --force --reason to override")
             if not reason:
                 fail("--force needs --reason (the override is recorded)")
+            # Staged before the rollout starts: the rollout then moves it on to shadow.
             control.registry.set_status(model, version, "staged", who=operator, why=f"gate override: {reason}")
-            control.registry.add_note(model, version, kind="gate_override", who=operator, why=reason,
-                                      failed_checks=_failed(record))
         elif record.status not in ("staged", "rolled_back", "previous", "archived"):
             fail(f"v{version} is {record.status}; only staged, rejected (with --force) or earlier versions can be rolled out")
         try:
             state = control.begin(model, version, who=operator, why=reason or "operator promote")
-        except RolloutConflict as exc:
+        except RolloutConflict as exc:  # refused, nothing saved: a rejected version stays rejected
+            if override:
+                control.registry.set_status(model, version, "rejected", who=operator,
+                                            why=f"gate override not applied: {exc}")
             fail(str(exc))
+        if override:
+            control.registry.add_note(model, version, kind="gate_override", who=operator, why=reason,
+                                      failed_checks=_failed(record))
         _show(state, as_json, "rollout started")
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from workers.cli._common import console, err_console, print_json
+from workers.cli._common import console, err_console, fail, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -17,9 +17,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole loop locally: embedded Redis, real workers, a router with traffic, three scenarios."""
         from config.settings import get_settings
-        from workers.demo.run import Demo
+        from workers.demo.run import Demo, StateDirRefused, check_state_dir
 
         folder = state_dir or Path(get_settings().state_dir) / "demo"
+        try:
+            check_state_dir(folder)  # before anything starts: the demo empties its folder
+        except StateDirRefused as exc:
+            fail(str(exc))
         show_live = (not as_json and sys.stdout.isatty()) if live is None else live
         say = (lambda text: err_console.print(text)) if as_json else (lambda text: console.print(text))
         runner = Demo(folder, live=show_live, say=say)

@@ -62,7 +62,10 @@ def register(app: typer.Typer) -> None:
         source: str = typer.Option("urn:retrain:cli", "--source"),
         as_json: bool = typer.Option(False, "--json", help="Print the JSON summary."),
     ) -> None:
-        """Publish one event from flags, or many from a JSON Lines file; exit 0 only if none was rejected."""
+        """Publish one event from flags, or many from a JSON Lines file; exit 0 only if none was rejected.
+
+        A rejected flag event is one error line (exit 2); a file's rejected lines are listed (exit 1).
+        """
         from config.policy import not_utf8
         from events.envelope import EventError, new_event
 
@@ -89,13 +92,15 @@ def register(app: typer.Typer) -> None:
                 fail("give --file, or both --type and --model")
             try:
                 events.append(new_event(type, model, _parse_data(set_, data), source=source))
-            except EventError as exc:
-                errors.append({"line": 0, "reason": str(exc)})
+            except EventError as exc:  # the flags are the input: one line, exit 2
+                fail(f"not a valid event: {one_line(exc)}")
             line_numbers = [0]
         result = _bus().publish_many(events) if events else None
         published = len(result.published) if result else 0
         if result:
             errors += [{"line": line_numbers[i], "reason": reason} for i, reason in result.rejected]
+        if errors and file is None:
+            fail(f"not published: {one_line(errors[0]['reason'])}")
         summary = {"published": published, "rejected": len(errors), "errors": errors}
         if as_json:
             print_json(summary)

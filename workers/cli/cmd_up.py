@@ -8,7 +8,10 @@ import threading
 
 import typer
 
-from workers.cli._common import console, fail, print_json
+from workers.cli._common import console, fail, load_settings, ping_redis, print_json
+
+PORT_RANGE = {"min": 0, "max": 65535}
+"""Port options: 0 means 'none' (or 'any free port' for Redis), else a TCP port."""
 
 
 def register(app: typer.Typer) -> None:
@@ -16,27 +19,35 @@ def register(app: typer.Typer) -> None:
     def up(
         roles: str = typer.Option("decision,training,gate,rollout", "--roles", help="Worker roles to start."),
         beat: bool = typer.Option(True, "--beat/--no-beat", help="Run the periodic scheduler (rollout ticks)."),
-        serve_port: int = typer.Option(0, "--serve-port", help="Also run the router on this port (0 = no)."),
-        ingest_port: int = typer.Option(0, "--ingest-port", help="Also run HTTP ingest on this port (0 = no)."),
-        flower_port: int = typer.Option(0, "--flower-port", help="Also run Flower on this port (0 = no)."),
-        redis_port: int = typer.Option(0, "--redis-port", help="Port for the embedded Redis (0 = free port)."),
+        serve_port: int = typer.Option(0, "--serve-port", help="Also run the router on this port (0 = no).",
+                                       **PORT_RANGE),
+        ingest_port: int = typer.Option(0, "--ingest-port", help="Also run HTTP ingest on this port (0 = no).",
+                                        **PORT_RANGE),
+        flower_port: int = typer.Option(0, "--flower-port", help="Also run Flower on this port (0 = no).",
+                                        **PORT_RANGE),
+        redis_port: int = typer.Option(0, "--redis-port", help="Port for the embedded Redis (0 = free port).",
+                                       **PORT_RANGE),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line once everything runs."),
     ) -> None:
         """Run Redis (embedded unless RETRAIN_REDIS_URL), one worker per role, beat and optional servers."""
-        from config.settings import get_settings
+        from workers.cli.exits import exited_child, log_sizes
         from workers.supervisor import ROLES, LocalSystem
 
-        settings = get_settings()
+        settings = load_settings()
         wanted = [r.strip() for r in roles.split(",") if r.strip()]
         unknown = [r for r in wanted if r not in ROLES]
         if unknown:
             fail(f"unknown role(s): {', '.join(unknown)}; choose from {', '.join(ROLES)}")
         if ingest_port and settings.ingest_token is None:
             fail("set RETRAIN_INGEST_TOKEN before exposing HTTP ingest")
+        if settings.redis_url is not None:
+            # The workers would only say it after their start-up timeout, as a Celery error.
+            ping_redis(settings)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         system = LocalSystem(settings.state_dir)
+        earlier_logs = log_sizes(system.state_dir / "logs")
         try:
             external = settings.redis_url.get_secret_value() if settings.redis_url else None
             url = system.start_redis(external, port=redis_port or None)
@@ -72,8 +83,8 @@ def register(app: typer.Typer) -> None:
                 console.print("Ctrl-C stops everything.")
             while not stop.wait(1.0):
                 system.check_alive()
-        except RuntimeError as exc:
-            fail(str(exc).splitlines()[0])
+        except RuntimeError as exc:  # a child exited, or the workers did not start in time
+            fail(exited_child(system, earlier_logs) or str(exc).splitlines()[0])
         finally:
             system.stop()
         if not as_json:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Literal, Optional
 
 import typer
 
@@ -10,6 +11,8 @@ from config.celery_config import ROLE_QUEUES
 from workers.cli._common import fail
 
 DEFAULT_POOL = {"decision": "solo", "training": "prefork", "gate": "prefork", "rollout": "solo", "all": "prefork"}
+Pool = Literal["prefork", "solo", "threads"]
+"""The Celery pools a worker can run here (eventlet and gevent are not installed)."""
 
 
 def worker_command(role: str, concurrency: int | None = None, pool: str | None = None,
@@ -49,7 +52,7 @@ def register(app: typer.Typer) -> None:
     def worker(
         role: str = typer.Option(..., "--role", help="decision | training | gate | rollout | all"),
         concurrency: int = typer.Option(1, "--concurrency", "-c", min=1),
-        pool: str = typer.Option(None, "--pool", help="Celery pool (default by role)."),
+        pool: Optional[Pool] = typer.Option(None, "--pool", help="Celery pool (default by role)."),
         loglevel: str = typer.Option("INFO", "--loglevel"),
         name: str = typer.Option(None, "--name", help="Worker node name (default ROLE@host)."),
     ) -> None:

@@ -137,6 +137,47 @@ class DemoFailed(RuntimeError):
     pass
 
 
+MARKER = ".retrain-demo"
+"""The file that marks a folder as the demo's own: only such a folder is ever emptied."""
+
+
+class StateDirRefused(ValueError):
+    """The demo was pointed at a folder it did not make (it would have to delete someone's files)."""
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """Raise :class:`StateDirRefused` unless ``state_dir`` is missing, empty or marked as the demo's.
+
+    The demo starts from an empty folder, so it deletes what a previous run left; a folder
+    without the marker may hold anything (``--state-dir ~`` is one typo away) and is refused.
+    """
+    state_dir = Path(state_dir)
+    if not state_dir.exists() and not state_dir.is_symlink():
+        return
+    if not state_dir.is_dir() or state_dir.is_symlink():
+        raise StateDirRefused(f"{state_dir} is not a folder the demo can use: give a new or empty folder")
+    if (state_dir / MARKER).is_file() or not any(state_dir.iterdir()):
+        return
+    raise StateDirRefused(f"{state_dir} is not empty and was not made by the demo (no {MARKER} file): "
+                          "the demo clears its folder, so give a new or empty folder")
+
+
+def reset_state_dir(state_dir: Path) -> None:
+    """Empty the demo's folder (only one :func:`check_state_dir` accepts) and mark it as the demo's.
+
+    The folder itself stays (its mode, or a mount point); a symlink inside goes, not its target.
+    """
+    state_dir = Path(state_dir)
+    check_state_dir(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    for entry in state_dir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (state_dir / MARKER).write_text("Made by 'retrain demo', which empties this folder on its next run.\n")
+
+
 @dataclass
 class Scenario:
     name: str
@@ -171,8 +212,7 @@ class Demo:
 
     # --- setup ------------------------------------------------------------------------------
     def prepare(self) -> None:
-        if self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
+        reset_state_dir(self.state_dir)
         self.data_dir = self.state_dir / "data"
         self.policy_dir = self.state_dir / "policies"
         self.policy_dir.mkdir(parents=True)
@@ -423,8 +463,8 @@ class Demo:
                     sc.outcome, sc.ok = str(exc), False
                 sc.seconds = time.monotonic() - t
                 self.note(f"{sc.name}: {'ok' if sc.ok else 'NOT AS EXPECTED'} - {sc.outcome}")
-        except DemoFailed as exc:
-            error = str(exc)
+        except RuntimeError as exc:  # DemoFailed, or a process of the system died (check_alive)
+            error = self._failure(exc)
         finally:
             timeline = self.finish()
         result = {"ok": error is None and all(s.ok for s in self.scenarios),
@@ -434,6 +474,16 @@ class Demo:
         if error:
             result["error"] = error
         return result
+
+    def _failure(self, exc: RuntimeError) -> str:
+        """One line for the result: a dead child's own last log line, else the error's first line."""
+        if self.system is not None and not isinstance(exc, DemoFailed):
+            from workers.cli.exits import exited_child
+
+            line = exited_child(self.system)
+            if line:
+                return line
+        return (str(exc).splitlines() or [type(exc).__name__])[0]
 
     def finish(self) -> str | None:
         timeline = None
