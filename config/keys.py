@@ -40,17 +40,10 @@ class Keys:
     def seen(self, shard: int) -> str:
         """Sorted set of handled event ids of one shard (score = time), for de-duplication.
 
-        Kept per shard, beside the stream it guards, so one ZMSCORE/ZADD covers a whole batch.
+        Kept per shard, beside the stream it guards, so one ZMSCORE/ZADD covers a whole batch. A
+        negative score is a claim (minus the time a consumer took the id to handle it), not a mark.
         """
         return f"{self.prefix}:seen:{{s{shard}}}"
-
-    def in_flight(self, shard: int) -> str:
-        """Sorted set of event ids one consumer is handling now (score = when it took them), per shard.
-
-        Taken with the seen check and dropped in the commit, so two consumers holding copies of
-        one event id (a producer's retry) never both apply it.
-        """
-        return f"{self.prefix}:inflight:{{s{shard}}}"
 
     def stream_layout(self) -> str:
         """String: the number of event stream shards the data in this Redis was written with."""

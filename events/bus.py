@@ -4,7 +4,7 @@ Producers validate and XADD (pipelined) into the model's shard of the event stre
 Consumers read in batches through a consumer group, skip event ids they have already
 handled and claim the new ones (one script per shard: a copy of an id another live consumer
 holds stays pending until that one commits), let the handler queue its effects into one
-MULTI/EXEC together with the "seen" marks and the claims' release, and XACK only after that
+MULTI/EXEC together with the "seen" marks (which overwrite the claims), and XACK only after that
 transaction committed with no failed command. Entries left pending by a dead
 consumer are reclaimed with XAUTOCLAIM; an entry delivered ``max_deliveries`` times, or one
 that is not a valid event, moves to the dead-letter stream with the reason and the original
@@ -62,31 +62,42 @@ return #ARGV - 1
 
 # The de-duplication check of one shard's share of a batch, and a claim on each new id, in one
 # step: two consumers holding copies of one event id (a producer's retry) never both handle it.
-# The commit drops the claims with the seen marks; a claim older than the claim idle time is
-# a dead consumer's and is taken over (its entry is reclaimed by then).
+# A claim is the id in the shard's seen set with a negative score (minus the claim time); the
+# commit's seen mark overwrites it with the (positive) commit time, so claiming costs one ZADD
+# per new id and releasing nothing. A claim older than the claim idle time is a dead consumer's
+# and is taken over (its entry is reclaimed by then).
 CLAIM_NEW = """
--- KEYS[1]: seen ; KEYS[2]: in flight ; ARGV[1]: now ; ARGV[2]: claims at or before this are stale
--- ARGV[3..]: event ids (distinct)
+-- KEYS[1]: seen ; ARGV[1]: now ; ARGV[2]: claims at or before this time are stale ; ARGV[3..]: event ids (distinct)
 -- returns per id: 0 new (claimed now), 1 seen (handled before), 2 claimed by a live consumer
 local stale = tonumber(ARGV[2])
 local out, claims = {}, {}
+local claim = '-' .. ARGV[1]
 for first = 3, #ARGV, 1000 do
   local last = math.min(first + 999, #ARGV)
-  local seen = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, first, last))
-  local held = redis.call('ZMSCORE', KEYS[2], unpack(ARGV, first, last))
+  local scores = redis.call('ZMSCORE', KEYS[1], unpack(ARGV, first, last))
   for i = first, last do
-    local j = i - first + 1
-    if seen[j] then out[#out + 1] = 1
-    elseif held[j] and tonumber(held[j]) > stale then out[#out + 1] = 2
+    local score = scores[i - first + 1]
+    if score and tonumber(score) >= 0 then out[#out + 1] = 1
+    elseif score and -tonumber(score) > stale then out[#out + 1] = 2
     else
       out[#out + 1] = 0
-      claims[#claims + 1] = ARGV[1]
+      claims[#claims + 1] = claim
       claims[#claims + 1] = ARGV[i]
     end
   end
 end
-for i = 1, #claims, 1000 do redis.call('ZADD', KEYS[2], unpack(claims, i, math.min(i + 999, #claims))) end
+for i = 1, #claims, 1000 do redis.call('ZADD', KEYS[1], unpack(claims, i, math.min(i + 999, #claims))) end
 return out
+"""
+
+# Drops claims (negative scores) on ids whose handling failed before the commit; a seen mark
+# (positive) is left alone.
+RELEASE_CLAIMS = """
+for i = 1, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) < 0 then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
 """
 
 TRIMMED_REASON = "trimmed from the stream before it was handled"
@@ -705,7 +716,7 @@ class StreamConsumer:
         pipe = self._raw.pipeline(transaction=False)
         order = list(by_shard.items())
         for s, idx in order:
-            pipe.evalsha(self._claim_sha, 2, self.keys.seen(s), self.keys.in_flight(s), repr(now), stale,
+            pipe.evalsha(self._claim_sha, 1, self.keys.seen(s), repr(now), stale,
                          *[valid[i][2].id for i in idx])
         try:
             replies = pipe.execute()
@@ -767,11 +778,11 @@ class StreamConsumer:
         self._trim_counter += 1
         trim = self._trim_counter % 100 == 0
         for s, marks in by_shard.items():
-            pipe.execute_command("ZADD", self.keys.seen(s), *marks)
-            pipe.execute_command("ZREM", self.keys.in_flight(s), *marks[1::2])
+            pipe.execute_command("ZADD", self.keys.seen(s), *marks)  # over the claims: marks, positive
             if trim:
                 pipe.zremrangebyscore(self.keys.seen(s), 0, now - self.dedup_retention_s)
-                pipe.zremrangebyscore(self.keys.in_flight(s), 0, now - self.claim_idle_ms / 1000)  # stale claims
+                # stale claims (scores -t with t older than the claim idle time)
+                pipe.zremrangebyscore(self.keys.seen(s), -(now - self.claim_idle_ms / 1000), "(0")
         if len(pipe):
             results = pipe.execute(raise_on_error=False)
             failed = next((r for r in results if isinstance(r, Exception)), None)
@@ -800,12 +811,18 @@ class StreamConsumer:
                 log.exception("bus.on_committed_failed", size=len(events))
 
     def _unmark(self, by_shard: dict[int, list], *, release: bool) -> None:
-        """Take back the seen marks (and with ``release`` the claims) of a batch whose transaction had a failed command."""
+        """Take back the seen marks of a batch whose transaction had a failed command.
+
+        With ``release`` they go; without, they turn back into this consumer's claims (negative
+        scores), held for the one-at-a-time retry.
+        """
         undo = self.redis.pipeline(transaction=False)
+        claim = repr(-time.time())
         for s, marks in by_shard.items():
-            undo.zrem(self.keys.seen(s), *marks[1::2])
             if release:
-                undo.zrem(self.keys.in_flight(s), *marks[1::2])
+                undo.zrem(self.keys.seen(s), *marks[1::2])
+            else:
+                undo.execute_command("ZADD", self.keys.seen(s), "XX", *[x for i in marks[1::2] for x in (claim, i)])
         undo.execute()
 
     def _release(self, items) -> None:
@@ -816,7 +833,7 @@ class StreamConsumer:
         try:
             undo = self.redis.pipeline(transaction=False)
             for s, ids in by_shard.items():
-                undo.zrem(self.keys.in_flight(s), *ids)
+                undo.eval(RELEASE_CLAIMS, 1, self.keys.seen(s), *ids)
             undo.execute()
         except redis.RedisError as exc:  # the claims go stale after the claim idle time anyway
             log.warning("bus.claim_release_failed", error=str(exc), size=len(items))

@@ -420,6 +420,35 @@ class TestBrokenState:
         assert [records(svc, m)[0]["action"] for m in ("bad-json", "wrong-type")] == ["start", "start"]
         assert not redis_client.exists(keys.evaluation_errors())
 
+    def test_run_evaluates_on_its_own_thread_and_a_failing_round_does_not_stop_it(self, make_service):
+        """run(): the consumer cues rounds that an evaluator thread runs; a round that raises is logged,
+        the next cue runs the next one; stop() ends both threads."""
+        import threading
+
+        svc = make_service()
+        real = svc.after_batch
+        calls = {"n": 0, "threads": set()}
+
+        def flaky():
+            calls["n"] += 1
+            calls["threads"].add(threading.current_thread().name)
+            if calls["n"] == 1:
+                raise RuntimeError("a bug in one round")
+            real()
+
+        svc.after_batch = flaky
+        runner = threading.Thread(target=svc.run, daemon=True)
+        runner.start()
+        try:
+            svc.bus.publish(drift(score=0.4))
+            wait_for(lambda: records(svc), timeout=30, message="a decision from the evaluator thread")
+            assert calls["n"] > 1 and calls["threads"] == {"decision-evaluator"}
+        finally:
+            svc.stop()
+            runner.join(60)
+        assert not runner.is_alive()
+        assert not any(t.name == "decision-evaluator" for t in threading.enumerate())
+
     def test_the_consumer_loop_survives_an_error_after_a_batch(self, make_service, redis_client):
         """An unexpected error in the after-batch evaluation is logged and the loop goes on consuming."""
         import threading

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -47,6 +48,8 @@ log = structlog.get_logger(__name__)
 HISTORY_MAXLEN = 10_000
 DRIFT_HISTORY_LEN = 50
 MAX_DUE_PER_ROUND = 500
+ROUND_INTERVAL_S = 1.0
+"""Longest the evaluator waits for the consumer's cue (debounce timers and the safety nets need rounds too)."""
 LOCK_TTL_MS = 30_000
 OUTBOX_REPLAY_S = 10.0
 """How often a service looks for decided pipelines that never reached Celery."""
@@ -242,6 +245,9 @@ class DecisionService:
         self.decisions_made = 0
         self._warmed = False
         self._last_replay = 0.0
+        self._stopping = False
+        self._round_wanted = threading.Event()
+        """Set by the consumer after each poll: the evaluator thread's cue for a round."""
 
     @classmethod
     def from_settings(cls, consumer_name: str, settings: Settings | None = None) -> "DecisionService":
@@ -256,14 +262,44 @@ class DecisionService:
         record_events(self.keys, events, pipe, schedule=True)
 
     def run(self) -> None:
-        """Consume the stream and evaluate the due models after each batch, until :meth:`stop`."""
+        """Consume the stream on this thread and evaluate the due models on a second one, until :meth:`stop`.
+
+        The consumer cues a round after each poll (``after_batch`` runs once per cue, as when
+        both ran on one thread). Each waits on Redis about half its time, so the two overlap:
+        a batch is read and recorded while the previous one's models are evaluated. They share
+        only the client's connection pool, and what they touch in Redis is already safe for
+        several decision workers at once (the bus's commit, per-model evaluation locks, the
+        due set).
+        """
         if not self._warmed:
             self.warm_up()
+        self._stopping = False
+        evaluator = threading.Thread(target=self._evaluate_rounds, name="decision-evaluator", daemon=True)
+        evaluator.start()
         try:
-            self.consumer.run(idle_callback=self.after_batch)
+            self.consumer.run(idle_callback=self._round_wanted.set)
         finally:
+            self._stopping = True
+            self._round_wanted.set()
+            evaluator.join(60)
             if self.relay is not None:
                 self.relay.stop()
+
+    def _evaluate_rounds(self) -> None:
+        """The evaluator thread: a round per cue (or every ``ROUND_INTERVAL_S`` without one); errors are logged, never fatal."""
+        while not self._stopping:
+            self._round_wanted.wait(ROUND_INTERVAL_S)
+            self._round_wanted.clear()
+            if self._stopping:
+                break
+            try:
+                self.after_batch()
+            except redis.ConnectionError as exc:  # Redis restarting: the consumer waits too
+                log.warning("decision.round_connection_lost", error=str(exc))
+                time.sleep(0.5)
+            except Exception as exc:  # noqa: BLE001 - a bug in one round must not stop the rounds
+                log.exception("decision.round_failed", error=str(exc))
+                time.sleep(1.0)
 
     def warm_up(self) -> None:
         """Get ready before the first event: what the first enqueue would load, then freeze the heap.
@@ -293,7 +329,9 @@ class DecisionService:
         self._warmed = True
 
     def stop(self) -> None:
+        self._stopping = True
         self.consumer.stop()
+        self._round_wanted.set()
 
     def after_batch(self) -> None:
         """Evaluate every model that is due (the batch's models were made due when it was recorded)."""
