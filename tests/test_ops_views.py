@@ -229,6 +229,22 @@ def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
 
 
 class TestStatus:
+    def test_the_evidence_wait_follows_the_phases_the_rollout_began_with(self, recorded, policy_env,
+                                                                         redis_client, keys):
+        """A rollout keeps the phases it started with: status reports that phase's max_wait, not the
+        one the policy file says now."""
+        from config.policy import Phase
+        from workers.rollout.machine import RolloutState, phase_record
+
+        raw = redis_client.hget(keys.rollout(MODEL), "state")
+        state = RolloutState.from_dict(json.loads(raw))
+        state.phases = [phase_record(Phase(name="shadow", traffic=0)),
+                        phase_record(Phase(name="canary", traffic=5, max_wait=timedelta(minutes=20)))]
+        redis_client.hset(keys.rollout(MODEL), "state", json.dumps(state.to_dict()))
+        out = _json(run("status", MODEL, "--json", env_extra=policy_env))
+        wait = out["models"][0]["rollout"]["insufficient_evidence"]
+        assert wait["max_wait_seconds"] == 20 * 60 and wait["then"] == "abort"
+
     def test_status_json_shows_versions_rollout_wait_traffic_decision_pipeline_alerts(self, recorded, policy_env):
         """status MODEL --json reports production/candidate, the canary phase and split, the evidence wait, the
         last decision, the in-flight pipeline and the newest alerts first."""

@@ -134,7 +134,9 @@ def rollout_view(client, keys, model: str, now: datetime) -> dict[str, Any] | No
         wait: dict[str, Any] = {"since": since.isoformat() if since else None,
                                 "seconds": round((now - since).total_seconds(), 1) if since else None,
                                 "reasons": last.get("reasons") or []}
-        cfg = _rollout_policy(model)
+        from workers.rollout.machine import with_phases
+
+        cfg = with_phases(_rollout_policy(model), st.get("phases"))  # the phases the rollout began with
         if cfg.phases:
             idx = min(int(st.get("phase_index") or 0), len(cfg.phases) - 1)
             limit = cfg.phases[idx].max_wait if cfg.phases[idx].max_wait is not None else cfg.max_wait

@@ -247,9 +247,14 @@ def rollout_cfg(state: RolloutState, cfg: RolloutSection) -> RolloutSection:
 
     A state without its copy (saved before there was one) keeps the policy's current phases.
     """
-    if not state.phases:
+    return with_phases(cfg, state.phases)
+
+
+def with_phases(cfg: RolloutSection, phases: list[dict[str, Any]] | None) -> RolloutSection:
+    """``cfg`` with ``phases`` (a rollout's saved copy, as stored) instead of its own; ``cfg`` if none."""
+    if not phases:
         return cfg
-    return cfg.model_copy(update={"phases": [Phase.model_validate(p) for p in state.phases]})
+    return cfg.model_copy(update={"phases": [Phase.model_validate(p) for p in phases]})
 
 
 def _phase_status(cfg: RolloutSection, index: int) -> Status:
