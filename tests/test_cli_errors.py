@@ -248,6 +248,48 @@ class TestForcedPromotionRefused:
 
 
 class TestDemoFolder:
+    def test_sigterm_stops_what_the_demo_started(self, tmp_path):
+        """``timeout``/a supervisor sends SIGTERM: the demo stops its Redis and workers on the way out."""
+        import signal
+        import time
+
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RETRAIN_")}
+        demo = subprocess.Popen([str(RETRAIN), "demo", "--json", "--no-live", "--state-dir", str(tmp_path / "demo")],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
+                                env={**base, "RETRAIN_STATE_DIR": str(tmp_path / "state")}, start_new_session=True)
+
+        def children() -> set[int]:
+            out = set()
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == demo.pid:
+                    out.add(int(stat.parent.name))
+            return out
+
+        started: set[int] = set()
+        try:
+            deadline = time.monotonic() + 60
+            while len(children()) < 3 and time.monotonic() < deadline:  # Redis and the first workers
+                time.sleep(0.2)
+            started = children()
+            assert len(started) >= 3, "the demo did not start its processes"
+            demo.send_signal(signal.SIGTERM)
+            demo.wait(60)
+            left = {pid for pid in started if Path(f"/proc/{pid}").exists()
+                    and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+            assert left == set()
+        finally:
+            if demo.poll() is None:
+                os.killpg(demo.pid, signal.SIGKILL)
+            for pid in started:  # whatever a failure left behind
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def test_a_folder_the_demo_did_not_make_is_refused_and_kept(self, tmp_path):
         """``demo --state-dir`` on a non-empty folder without the demo's marker: exit 2, nothing deleted."""
         folder = tmp_path / "mine"

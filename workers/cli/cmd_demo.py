@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
 import typer
 
 from workers.cli._common import console, err_console, fail, print_json
+
+
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt  # the demo's own cleanup (Redis, workers, beat, router) runs on the way out
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +32,7 @@ def register(app: typer.Typer) -> None:
         show_live = (not as_json and sys.stdout.isatty()) if live is None else live
         say = (lambda text: err_console.print(text)) if as_json else (lambda text: console.print(text))
         runner = Demo(folder, live=show_live, say=say)
+        signal.signal(signal.SIGTERM, _terminated)  # stop what the demo started, as on Ctrl-C
         try:
             result = runner.run()
         except KeyboardInterrupt:
