@@ -119,10 +119,21 @@ _REDIS_REFUSALS = re.compile(r"\b(OOM|READONLY|MISCONF|NOREPLICAS|BUSY|LOADING|W
 
 
 def _redis_refusal(exc: Exception) -> str:
-    """The reason Redis gave, without redis-py's pipeline and script wrapping around it."""
+    """The reason Redis gave, without redis-py's pipeline and script wrapping around it.
+
+    redis-py turns some error codes into exception classes and drops the code from the message
+    (``OutOfMemoryError``: "command not allowed when used memory > 'maxmemory'"): it is put back.
+    """
+    import redis
+
     text = str(exc)
     found = _REDIS_REFUSALS.search(text)
-    return (found.group(0) if found else text.rsplit("caused error: ", 1)[-1]).strip()[:160]
+    reason = (found.group(0) if found else text.rsplit("caused error: ", 1)[-1]).strip()
+    for cls, code in ((redis.exceptions.OutOfMemoryError, "OOM"), (redis.exceptions.ReadOnlyError, "READONLY"),
+                      (redis.exceptions.BusyLoadingError, "LOADING")):
+        if isinstance(exc, cls) and not reason.startswith(code):
+            reason = f"{code} {reason}"
+    return reason[:160]
 
 
 class IngestConfigError(RuntimeError):
