@@ -11,6 +11,13 @@ Why a process of its own: a Celery chain publish costs a millisecond or more of 
 Celery and kombu, and the decision loop would otherwise pay it between batches (and wait on the
 broker). In the relay it runs on another core while the loop reads the next batch.
 
+The relay process also evaluates: the decision service's run() cues it after each poll (a
+shared event), and a thread of the relay runs the round (due models, policy, records, the
+enqueue of its own start decisions) on this second core, while the service's process only
+reads and records batches: one Python process is GIL-bound at a few thousand events a second.
+While the relay is not ready the service evaluates on its own evaluator thread; both at once is
+safe (per-model evaluation locks, as with several decision workers).
+
 At least once, never lost: an entry popped by a relay that dies before the enqueue stays in the
 outbox, and the decision service's outbox replay (which publishes ``retrain.decided`` first)
 enqueues it after ``OUTBOX_GRACE_S``. The decision service hands nothing to a relay whose loop
@@ -22,10 +29,13 @@ idempotent by pipeline id and step.
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing as mp
 import os
+import select
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -51,6 +61,8 @@ STALLED_AFTER_S = 5.0
 STUCK_AFTER_S = 60.0
 """... and after this long it is killed and restarted."""
 START_TIMEOUT_S = 120.0
+ROUND_WAIT_S = 0.5
+"""Longest the relay's evaluator waits for a cue before it looks at the due set anyway."""
 
 
 def enqueue_recorded(store, enqueue: Callable[[dict[str, Any]], Any], record: dict[str, Any], by: str) -> bool:
@@ -133,11 +145,46 @@ class EnqueueRelay:
         return done
 
 
-def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None, beat=None) -> None:
-    """The relay process: load Celery, say ready, relay until told to stop or the parent is gone.
+def wait_for_cue(fd: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` for cue bytes on the pipe ``fd``; take them all. Returns whether there was one."""
+    readable, _, _ = select.select([fd], [], [], timeout)
+    if not readable:
+        return False
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+    return True
+
+
+def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat: Callable[[], None]) -> None:
+    """The relay's evaluator thread: a round of due models each time the decision service cues one
+    (or every ``ROUND_WAIT_S``); errors are logged, never fatal. ``svc``: a relay-less DecisionService."""
+    while not should_stop():
+        heartbeat()
+        wait_for_cue(cue_fd, ROUND_WAIT_S)
+        if should_stop():
+            break
+        try:
+            svc.evaluate_due()
+        except redis.ConnectionError as exc:
+            log.warning("decision.relay_round_connection_lost", error=str(exc))
+            time.sleep(0.5)
+        except Exception as exc:  # noqa: BLE001 - a bug in one round must not stop the rounds
+            log.exception("decision.relay_round_failed", error=str(exc))
+            time.sleep(0.5)
+
+
+def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None, beat=None, cue=None,
+               eval_beat=None) -> None:
+    """The relay process: load Celery, say ready, relay (and with ``cue``, evaluate) until told to stop
+    or the parent is gone.
 
     ``start_cpu`` (a shared double) receives the CPU seconds the start took (imports, warm-up);
-    ``beat`` (a shared double) the ``time.monotonic()`` of the loop's latest round.
+    ``beat`` (a shared double) the ``time.monotonic()`` of the relay loop's latest round, and
+    ``eval_beat`` that of the evaluator thread's; ``cue`` (the read end of a pipe) asks for an
+    evaluation round: a byte per cue, never a lock a killed process could leave taken.
     """
     from config.keys import keys_from_settings
     from config.logs import configure_logging
@@ -156,17 +203,40 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
         warm_up_celery()
     except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
         log.warning("decision.relay_warm_up_failed", error=str(exc))
+    evaluator = None
+    if cue is not None:
+        from workers.decision.service import DecisionService
+
+        svc = DecisionService(relay.redis, settings, name, relay=False)  # enqueues its starts itself
+    gc.collect()
+    gc.freeze()  # what is loaded now stays out of the collector's walks (see DecisionService.warm_up)
+
     def heartbeat() -> None:
         if beat is not None:
             beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the host
 
+    def eval_heartbeat() -> None:
+        if eval_beat is not None:
+            eval_beat.value = time.monotonic()
+
+    def should_stop() -> bool:
+        return bool(terminating) or stop.is_set() or os.getppid() != parent_pid
+
     if start_cpu is not None:
         start_cpu.value = time.process_time()
     heartbeat()  # before ready: a start that took long is not a stall
+    eval_heartbeat()
+    if cue is not None:
+        os.set_blocking(cue.fileno(), False)
+        evaluator = threading.Thread(target=evaluate_rounds, args=(svc, cue.fileno(), should_stop, eval_heartbeat),
+                                     name="relay-evaluator", daemon=True)
+        evaluator.start()
     ready.set()
-    log.info("decision.relay_started", relay=name, pid=os.getpid())
+    log.info("decision.relay_started", relay=name, pid=os.getpid(), evaluates=cue is not None)
 
-    relay.run(lambda: bool(terminating) or stop.is_set() or os.getppid() != parent_pid, heartbeat)
+    relay.run(should_stop, heartbeat)
+    if evaluator is not None:
+        evaluator.join(30)  # it sees the stop within ROUND_WAIT_S  # a round in hand finishes (its records and enqueues are one unit each)
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
 
 
@@ -186,6 +256,8 @@ class RelayProcess:
         self._ready = None
         self._start_cpu = None
         self._beat = None
+        self._eval_beat = None
+        self._cue = None
         self._start_cpu_before = 0.0
         self._started_at = 0.0
         self._failures = 0
@@ -204,10 +276,23 @@ class RelayProcess:
         return self._proc is not None and self._proc.is_alive()
 
     def stalled_for(self) -> float:
-        """Seconds since the relay's loop last came round (0 while it is starting)."""
+        """Seconds since the relay's loop (or its evaluator thread, the later of the two) last came round (0 while starting)."""
         if self._beat is None or not self._ready.is_set():
             return 0.0
-        return max(0.0, time.monotonic() - self._beat.value)
+        return max(0.0, time.monotonic() - min(self._beat.value, self._eval_beat.value))
+
+    def cue(self) -> None:
+        """Ask the relay's evaluator for a round (the decision service does after each poll).
+
+        A byte on a pipe, written without blocking: a relay that is gone or not reading just
+        leaves the pipe full (a cue is pending anyway), and nothing here can hang on it.
+        """
+        if self._cue is None:
+            return
+        try:
+            os.write(self._cue.fileno(), b"c")
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass
 
     def ready(self) -> bool:
         """Alive, done loading Celery and going round its loop: entries queued now are enqueued in milliseconds."""
@@ -222,11 +307,17 @@ class RelayProcess:
         self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
         self._start_cpu = self._ctx.Value("d", 0.0, lock=False)
         self._beat = self._ctx.Value("d", time.monotonic(), lock=False)
+        self._eval_beat = self._ctx.Value("d", time.monotonic(), lock=False)
+        if self._cue is not None:
+            self._cue.close()
+        cue_reader, self._cue = self._ctx.Pipe(duplex=False)
+        os.set_blocking(self._cue.fileno(), False)
         self._started_at = time.monotonic()  # before the spawn: a spawn that fails counts as an attempt
         self._proc = self._ctx.Process(target=relay_main, name="enqueue-relay", daemon=True,
                                        args=(self.settings, self.name, self._stop, self._ready, os.getpid(),
-                                             self._start_cpu, self._beat))
+                                             self._start_cpu, self._beat, cue_reader, self._eval_beat))
         self._proc.start()
+        cue_reader.close()  # the child's now
         if not wait:
             return False
         deadline = self._started_at + START_TIMEOUT_S

@@ -265,11 +265,11 @@ class DecisionService:
         """Consume the stream on this thread and evaluate the due models on a second one, until :meth:`stop`.
 
         The consumer cues a round after each poll (``after_batch`` runs once per cue, as when
-        both ran on one thread). Each waits on Redis about half its time, so the two overlap:
-        a batch is read and recorded while the previous one's models are evaluated. They share
-        only the client's connection pool, and what they touch in Redis is already safe for
-        several decision workers at once (the bus's commit, per-model evaluation locks, the
-        due set).
+        both ran on one thread), so a batch is read and recorded while the previous one's models
+        are evaluated. With a ready relay process the round runs there, on another core (this
+        process is GIL-bound otherwise); else here. What they touch in Redis is already safe for
+        several decision workers at once (the bus's commit, per-model evaluation locks, the due
+        set).
         """
         if not self._warmed:
             self.warm_up()
@@ -286,13 +286,24 @@ class DecisionService:
                 self.relay.stop()
 
     def _evaluate_rounds(self) -> None:
-        """The evaluator thread: a round per cue (or every ``ROUND_INTERVAL_S`` without one); errors are logged, never fatal."""
+        """The evaluator thread: a round per cue (or every ``ROUND_INTERVAL_S`` without one); errors are logged, never fatal.
+
+        While the relay process is ready the round is its to run (on another core: see
+        ``workers/decision/relay.py``); this thread passes the cue on and keeps the safety nets.
+        """
         while not self._stopping:
             self._round_wanted.wait(ROUND_INTERVAL_S)
             self._round_wanted.clear()
             if self._stopping:
                 break
             try:
+                if self.relay is not None and self.relay.ready():
+                    self.relay.cue()
+                    try:
+                        self.replay_outbox()
+                    finally:
+                        self.relay.ensure_running()
+                    continue
                 self.after_batch()
             except redis.ConnectionError as exc:  # Redis restarting: the consumer waits too
                 log.warning("decision.round_connection_lost", error=str(exc))
