@@ -355,6 +355,25 @@ class EventBus:
         return event_id
 
 
+def survive(step: Callable[[], Any], what: str, *, pause_s: float = 1.0) -> Exception | None:
+    """Run one step of a long-lived loop; log what it raises and pause, instead of ending the loop.
+
+    A lost connection (Redis restarting) is a warning and a short pause; anything else is logged
+    with its traceback (a loop that stops is worse than one that retries). Returns the exception.
+    """
+    try:
+        step()
+    except redis.ConnectionError as exc:
+        log.warning(f"{what}.connection_lost", error=str(exc))
+        time.sleep(0.5)
+        return exc
+    except Exception as exc:  # noqa: BLE001 - see above
+        log.exception(f"{what}.error", error=str(exc))
+        time.sleep(pause_s)
+        return exc
+    return None
+
+
 def check_stream_layout(client: redis.Redis, keys: Keys) -> None:
     """Record the shard count on first use; refuse a process that counts shards differently.
 
@@ -485,20 +504,17 @@ class StreamConsumer:
     def run(self, idle_callback: Callable[[], None] | None = None) -> None:
         """Poll (and call ``idle_callback`` after each poll) until :meth:`stop`; errors are logged, never fatal."""
         self.ensure_group()
+
+        def step() -> None:
+            self.poll()
+            if idle_callback is not None:
+                idle_callback()
+
         while not self._stopping:
-            try:
-                self.poll()
-                if idle_callback is not None:
-                    idle_callback()
-            except redis.ConnectionError as exc:  # Redis restarting: wait and carry on
-                log.warning("bus.connection_lost", error=str(exc))
-                time.sleep(0.5)
-            except Exception as exc:  # noqa: BLE001 - a consumer that stops is worse than one that retries
-                log.exception("bus.loop_error", error=str(exc))
-                time.sleep(1.0)
-                if "NOGROUP" in str(exc):  # the stream or group was deleted under us
-                    with contextlib.suppress(Exception):
-                        self.ensure_group()
+            failed = survive(step, "bus.loop")
+            if failed is not None and "NOGROUP" in str(failed):  # the stream or group was deleted under us
+                with contextlib.suppress(Exception):
+                    self.ensure_group()
 
     def poll(self, block_ms: int | None = None) -> int:
         """Read, handle and ack one batch; return how many entries were processed."""

@@ -11,7 +11,7 @@ import pytest
 
 from config.settings import Settings
 from tests.support import wait_for
-from tests.test_decision_worker import drift, queued, records, step, write_policy
+from tests.test_decision_worker import drift, queued, records, running, step, write_policy
 from workers.decision.relay import RESTART_AFTER_S, EnqueueRelay, RelayProcess, celery_enqueue
 from workers.decision.service import OUTBOX_GRACE_S, DecisionService
 from workers.decision.state import relay_queue_entry
@@ -61,45 +61,30 @@ class TestRelayProcess:
     def test_with_a_ready_relay_run_leaves_the_rounds_to_the_relay_process(self, make_service, redis_client, keys):
         """run(): the service process only reads and records; the relay process evaluates (this process
         runs no round) and enqueues what it decides."""
-        import threading
-
         svc = make_service()
         svc.warm_up()
         rounds_here = []
         svc.evaluate_due = lambda now=None: rounds_here.append(now) or 0  # would count a round in this process
-        runner = threading.Thread(target=svc.run, daemon=True)
-        runner.start()
-        try:
+        with running(svc):
             svc.bus.publish(drift(score=0.2))
             rec = wait_for(lambda: (r := records(svc)) and r[0], timeout=30, message="the relay's decision")
             fields = wait_for(lambda: (f := pipeline_fields(redis_client, keys, rec)).get("enqueued_at") and f,
                               message="the relay to enqueue its decision")
             assert rec["action"] == "start" and fields["enqueued_by"] == "worker-1:relay"
             assert rounds_here == [] and queued(redis_client, "training.low") == 1
-        finally:
-            svc.stop()
-            runner.join(60)
-        assert not runner.is_alive()
 
     def test_while_the_relay_is_down_run_evaluates_in_the_service(self, make_service, redis_client, keys):
         """The relay process is killed: the service's own evaluator thread decides and enqueues meanwhile."""
-        import threading
-
         svc = make_service()
         svc.warm_up()
         os.kill(svc.relay.pid, signal.SIGKILL)
         wait_for(lambda: not svc.relay.alive(), message="the relay to die")
-        runner = threading.Thread(target=svc.run, daemon=True)
-        runner.start()
-        try:
+        with running(svc):
             svc.bus.publish(drift(score=0.2))
             rec = wait_for(lambda: (r := records(svc)) and r[0], timeout=30, message="a decision without the relay")
             fields = wait_for(lambda: (f := pipeline_fields(redis_client, keys, rec)).get("enqueued_at") and f,
                               message="the service to enqueue")
             assert fields["enqueued_by"] == "worker-1"
-        finally:
-            svc.stop()
-            runner.join(60)
 
     def test_a_cue_never_blocks_on_a_relay_that_does_not_read(self, make_service):
         """A stopped (SIGSTOP) relay never drains its cue pipe: cueing it stays instant, the pipe just stays full."""

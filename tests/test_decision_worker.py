@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -52,6 +53,21 @@ def make_service(redis_client, redis_server, tmp_path):
         svc.consumer.block_ms = 10
         return svc
     return _make
+
+
+@contextmanager
+def running(svc):
+    """``svc.run()`` (what the bootstep runs) on a thread of its own; stopped and joined on the way out."""
+    import threading
+
+    runner = threading.Thread(target=svc.run, daemon=True)
+    runner.start()
+    try:
+        yield runner
+    finally:
+        svc.stop()
+        runner.join(60)
+    assert not runner.is_alive()
 
 
 def step(svc, rounds=5):
@@ -437,16 +453,10 @@ class TestBrokenState:
             real()
 
         svc.after_batch = flaky
-        runner = threading.Thread(target=svc.run, daemon=True)
-        runner.start()
-        try:
+        with running(svc):
             svc.bus.publish(drift(score=0.4))
             wait_for(lambda: records(svc), timeout=30, message="a decision from the evaluator thread")
             assert calls["n"] > 1 and calls["threads"] == {"decision-evaluator"}
-        finally:
-            svc.stop()
-            runner.join(60)
-        assert not runner.is_alive()
         assert not any(t.name == "decision-evaluator" for t in threading.enumerate())
 
     def test_the_consumer_loop_survives_an_error_after_a_batch(self, make_service, redis_client):

@@ -45,6 +45,7 @@ import redis
 import structlog
 
 from config.keys import Keys
+from events.bus import survive
 
 log = structlog.get_logger(__name__)
 
@@ -116,16 +117,12 @@ class EnqueueRelay:
         while not should_stop():
             if heartbeat is not None:
                 heartbeat()
-            try:
-                item = self.redis.blpop([queue], timeout=WAIT_S)
-                if item is not None:
-                    self.relay(item[1])
-            except redis.ConnectionError as exc:
-                log.warning("decision.relay_connection_lost", error=str(exc))
-                time.sleep(0.5)
-            except Exception as exc:  # noqa: BLE001 - a relay that stops is worse than one that retries
-                log.exception("decision.relay_error", error=str(exc))
-                time.sleep(0.5)
+            survive(lambda: self._relay_next(queue), "decision.relay", pause_s=0.5)
+
+    def _relay_next(self, queue: str) -> None:
+        item = self.redis.blpop([queue], timeout=WAIT_S)
+        if item is not None:
+            self.relay(item[1])
 
     def relay(self, entry: bytes | str) -> bool:
         """Enqueue one queue entry's pipeline if it still needs it; return whether this call enqueued it."""
@@ -166,14 +163,7 @@ def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat
         wait_for_cue(cue_fd, ROUND_WAIT_S)
         if should_stop():
             break
-        try:
-            svc.evaluate_due()
-        except redis.ConnectionError as exc:
-            log.warning("decision.relay_round_connection_lost", error=str(exc))
-            time.sleep(0.5)
-        except Exception as exc:  # noqa: BLE001 - a bug in one round must not stop the rounds
-            log.exception("decision.relay_round_failed", error=str(exc))
-            time.sleep(0.5)
+        survive(svc.evaluate_due, "decision.relay_round", pause_s=0.5)
 
 
 def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None, beat=None, cue=None,

@@ -33,7 +33,7 @@ import structlog
 from config.keys import Keys, keys_from_settings
 from config.policy import Policy
 from config.settings import Settings, get_settings
-from events.bus import EventBus, StreamConsumer, gc_paused
+from events.bus import EventBus, StreamConsumer, gc_paused, survive
 from events.envelope import CloudEvent, new_event
 from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
@@ -296,21 +296,18 @@ class DecisionService:
             self._round_wanted.clear()
             if self._stopping:
                 break
+            survive(self._round, "decision.round")
+
+    def _round(self) -> None:
+        """One cue's work: the relay's round to run if it is ready (this thread keeps the safety nets), else ours."""
+        if self.relay is not None and self.relay.ready():
+            self.relay.cue()
             try:
-                if self.relay is not None and self.relay.ready():
-                    self.relay.cue()
-                    try:
-                        self.replay_outbox()
-                    finally:
-                        self.relay.ensure_running()
-                    continue
-                self.after_batch()
-            except redis.ConnectionError as exc:  # Redis restarting: the consumer waits too
-                log.warning("decision.round_connection_lost", error=str(exc))
-                time.sleep(0.5)
-            except Exception as exc:  # noqa: BLE001 - a bug in one round must not stop the rounds
-                log.exception("decision.round_failed", error=str(exc))
-                time.sleep(1.0)
+                self.replay_outbox()
+            finally:
+                self.relay.ensure_running()
+            return
+        self.after_batch()
 
     def warm_up(self) -> None:
         """Get ready before the first event: what the first enqueue would load, then freeze the heap.
