@@ -12,10 +12,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from config.durations import Duration
 from config.keys import MODEL_NAME_PATTERN
+
+log = structlog.get_logger(__name__)
 
 Task = Literal["binary", "multiclass", "regression"]
 
@@ -170,14 +173,6 @@ def _default_phases() -> list[Phase]:
 
 
 class RolloutSection(_Section):
-    @model_validator(mode="before")
-    @classmethod
-    def _no_tick(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "tick" in data:  # an earlier version accepted it and ignored it
-            raise ValueError("'tick' is not a policy setting: every rollout advances on the workers' tick, "
-                             "RETRAIN_ROLLOUT_TICK; remove it")
-        return data
-
     phases: list[Phase] = Field(default_factory=_default_phases, min_length=1)
     max_wait: Duration = timedelta(hours=2)
     """Longest a phase waits for evidence before ``on_insufficient_evidence`` applies."""
@@ -234,7 +229,17 @@ def _describe(error: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+RETIRED_KEYS = {
+    ("rollout", "tick"): "every rollout advances on the rollout workers' tick, RETRAIN_ROLLOUT_TICK",
+}
+"""Keys earlier versions accepted without using them: dropped with a warning, so those policies still load."""
+
+
 def policy_from_dict(data: dict[str, Any], source: str = "policy") -> Policy:
+    for (section, key), instead in RETIRED_KEYS.items():
+        if isinstance(data.get(section), dict) and key in data[section]:
+            data = {**data, section: {k: v for k, v in data[section].items() if k != key}}
+            log.warning("policy.retired_key_ignored", source=source, key=f"{section}.{key}", instead=instead)
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:

@@ -23,6 +23,8 @@ DEFAULT_TRUSTED_PREFIXES = (
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 _MINIMUMS = {
     "bus_claim_idle": timedelta(seconds=1),  # below, live consumers' batches are taken from under them
     "dedup_retention": timedelta(minutes=1),
@@ -89,8 +91,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: str = Field("auto", pattern="^(auto|json|console)$")
 
-    @field_validator("bus_claim_idle", "dedup_retention", "stream_retention", "visibility_timeout",
-                     "rollout_tick", "housekeeping_interval")
+    @field_validator(*_MINIMUMS)
     @classmethod
     def _at_least(cls, value: timedelta, info) -> timedelta:
         """Floors below which the setting breaks a guarantee rather than tunes it (see the README's table)."""
@@ -102,8 +103,8 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
-        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise ValueError(f"unknown log level {value!r}; use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r}; use {', '.join(LOG_LEVELS)}")
         return value.upper()
 
     @model_validator(mode="after")

@@ -36,17 +36,15 @@ def _load_commands() -> None:
 _load_commands()
 
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-"""What ``RETRAIN_CLI_LOG_LEVEL`` may be (any case; unset or empty means WARNING)."""
-
-
 def main() -> None:
     import os
 
     from config.logs import configure_logging
+    from config.settings import LOG_LEVELS
     from workers.cli._common import USAGE_ERROR, run_app
 
-    # Commands talk on stdout; library logs go to stderr, quiet unless asked for.
+    # Commands talk on stdout; library logs go to stderr, quiet unless asked for (any case; unset or
+    # empty means WARNING).
     asked = os.environ.get("RETRAIN_CLI_LOG_LEVEL", "")
     level = asked.strip().upper() or "WARNING"
     if level not in LOG_LEVELS:

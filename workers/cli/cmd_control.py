@@ -120,11 +120,13 @@ def register(app: typer.Typer) -> None:
             fail(f"v{version} is {record.status}; only staged, rejected (with --force) or earlier versions can be rolled out")
         try:
             state = control.begin(model, version, who=operator, why=reason or "operator promote")
-        except RolloutConflict as exc:  # refused, nothing saved: a rejected version stays rejected
+        except Exception as exc:  # refused or failed, no rollout: a rejected version stays rejected
             if override:
                 control.registry.set_status(model, version, "rejected", who=operator,
                                             why=f"gate override not applied: {exc}")
-            fail(str(exc))
+            if isinstance(exc, RolloutConflict):
+                fail(str(exc))
+            raise
         if override:
             control.registry.add_note(model, version, kind="gate_override", who=operator, why=reason,
                                       failed_checks=_failed(record))

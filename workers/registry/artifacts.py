@@ -271,7 +271,9 @@ def default_trusted_prefixes() -> tuple[str, ...]:
 
         return tuple(get_settings().trusted_prefixes)
     except Exception:  # settings unavailable (e.g. a bad environment): fall back to the safe core
-        return ("sklearn.", "numpy.", "scipy.sparse.")
+        from config.settings import DEFAULT_TRUSTED_PREFIXES
+
+        return DEFAULT_TRUSTED_PREFIXES
 
 
 def load_artifact(
