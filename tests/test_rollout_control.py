@@ -13,7 +13,7 @@ from config.policy import policy_from_dict
 from tests.support import wait_for
 from workers.decision.state import DecisionStore
 from workers.registry.store import ModelVersion, Registry
-from workers.rollout.control import MANUAL_LOCK_WAIT_S, RolloutConflict, RolloutControl
+from workers.rollout.control import MANUAL_LOCK_WAIT_S, TICK_LOCK_MS, RolloutConflict, RolloutControl
 from workers.rollout.machine import SetTraffic
 from workers.router.traffic import read_traffic
 
@@ -497,6 +497,22 @@ class TestStaleActors:
 
 
 class TestRolloutAgain:
+    def test_a_begin_that_loses_its_save_leaves_no_candidate_alias(self, control, versions, redis_client, keys):
+        """Another actor saves the rollout between begin()'s read and its compare-and-set: begin is refused,
+        and the candidate alias (set with the rollout's first traffic write) points nowhere."""
+        ctl = control()
+        save = ctl._save
+
+        def raced(keys=None, args=None):
+            redis_client.hset(ctl.keys.rollout(MODEL), "revision", "7")  # someone else's transition, first
+            return save(keys=keys, args=args)
+
+        ctl._save = raced
+        with pytest.raises(RolloutConflict, match="changed concurrently"):
+            ctl.begin(MODEL, 2)
+        assert versions.alias(MODEL, "candidate") is None and versions.get(MODEL, 2).status == "staged"
+        assert versions.alias_history(MODEL, "candidate") == []
+
     def test_begin_after_a_rollback_starts_a_new_rollout(self, control, versions, redis_client, keys):
         """begin() of a rolled-back candidate starts a new rollout; of the running one returns it;
         of the production version is refused."""
@@ -610,8 +626,15 @@ class TestRealWorker:
             pct = {"shadow": 0, "canary": 10, "50%": 50, "100%": 100}[state.phase]
             traffic.serve(200, traffic=pct)
             revision = state.revision
-            tick_all.apply_async(queue="rollout")
-            wait_for(lambda: ctl.load(MODEL)[0].revision > revision, timeout=20, message="a tick")
+            # A tick every 2 s, as beat sends them: the killed worker may have died inside a tick,
+            # holding the model's tick lock until it expires, and the ticks meanwhile skip the model.
+            deadline = time.monotonic() + 20 + TICK_LOCK_MS / 1000
+            while ctl.load(MODEL)[0].revision == revision:
+                assert time.monotonic() < deadline, "no tick advanced the rollout"
+                tick_all.apply_async(queue="rollout")
+                end = time.monotonic() + 2
+                while time.monotonic() < end and ctl.load(MODEL)[0].revision == revision:
+                    time.sleep(0.05)
         final = ctl.load(MODEL)[0]
         assert final.status == "completed", final.last_analysis
         assert versions.alias(MODEL, "production") == 2

@@ -224,8 +224,15 @@ class RolloutControl:
             candidate_percent=float(action.candidate_percent) if action.candidate else 0.0,
             shadow=(action.candidate or "") if action.shadow else "",
         )
-        return self._while_at(model, state.revision,
-                              lambda pipe: write_traffic(self.redis, self.keys, model, table, pipe=pipe))
+        def queue(pipe) -> None:
+            write_traffic(self.redis, self.keys, model, table, pipe=pipe)
+            # The candidate alias moves with the rollout's first traffic write, in its transaction:
+            # a rollout whose save lost its compare-and-set never points the alias anywhere.
+            if action.candidate and state.active and self.registry.alias(model, "candidate") != int(action.candidate):
+                self.registry.set_alias(model, "candidate", int(action.candidate), who=_last_who(state),
+                                        why=state.reason or "rollout started", pipe=pipe)
+
+        return self._while_at(model, state.revision, queue, watch=(self.keys.aliases(model),))
 
     def _status(self, model: str, version: int, status: str, who: str, why: str) -> None:
         try:
@@ -333,8 +340,7 @@ class RolloutControl:
         new, actions = machine.start(model, str(candidate), str(production), self.cfg(model), _now(),
                                      previous=None if previous is None else str(previous), who=who, why=why)
         new.revision = expected + 1
-        self.registry.set_alias(model, "candidate", candidate, who=who, why=why or "rollout started")
-        self._commit(model, expected, new, actions, pipeline_id, new_rollout=True)
+        self._commit(model, expected, new, actions, pipeline_id, new_rollout=True)  # its traffic action sets the candidate alias
         return new
 
     def started_by(self, model: str, candidate: int, pipeline_id: str) -> bool:
