@@ -471,6 +471,7 @@ class StreamConsumer:
         self._own_pending: dict[str, str] = dict.fromkeys(self.streams, "0")
         """Per stream, the id after which our own pending entries are still to be re-read (a restart)."""
         self._trim_counter = 0
+        self._group_ready = False
         self._claim_sha = hashlib.sha1(CLAIM_NEW.encode()).hexdigest()  # loaded on the first NOSCRIPT
 
     @classmethod
@@ -496,6 +497,7 @@ class StreamConsumer:
             except redis.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+        self._group_ready = True
 
     # --- the loop ------------------------------------------------------------------------
     def stop(self) -> None:
@@ -503,7 +505,8 @@ class StreamConsumer:
 
     def run(self, idle_callback: Callable[[], None] | None = None) -> None:
         """Poll (and call ``idle_callback`` after each poll) until :meth:`stop`; errors are logged, never fatal."""
-        self.ensure_group()
+        if not self._group_ready:  # a decision worker's bootstep has done it already
+            self.ensure_group()
 
         def step() -> None:
             self.poll()
