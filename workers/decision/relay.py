@@ -12,7 +12,7 @@ Celery and kombu, and the decision loop would otherwise pay it between batches (
 broker). In the relay it runs on another core while the loop reads the next batch.
 
 The relay process also evaluates: the decision service's run() cues it after each poll (a
-shared event), and a thread of the relay runs the round (due models, policy, records, the
+byte on a pipe), and a thread of the relay runs the round (due models, policy, records, the
 enqueue of its own start decisions) on this second core, while the service's process only
 reads and records batches: one Python process is GIL-bound at a few thousand events a second.
 While the relay is not ready the service evaluates on its own evaluator thread; both at once is
@@ -155,15 +155,23 @@ def wait_for_cue(fd: int, timeout: float) -> bool:
     return True
 
 
-def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat: Callable[[], None]) -> None:
-    """The relay's evaluator thread: a round of due models each time the decision service cues one
-    (or every ``ROUND_WAIT_S``); errors are logged, never fatal. ``svc``: a relay-less DecisionService."""
+def run_rounds(wait_for_cue: Callable[[], object], should_stop: Callable[[], bool], round_: Callable[[], object],
+               what: str, heartbeat: Callable[[], None] = lambda: None, pause_s: float = 0.5) -> None:
+    """An evaluator thread's loop: a round after each cue (``wait_for_cue`` returns on one or after its
+    own timeout) until ``should_stop``; errors are logged, never fatal (:func:`events.bus.survive`)."""
     while not should_stop():
         heartbeat()
-        wait_for_cue(cue_fd, ROUND_WAIT_S)
+        wait_for_cue()
         if should_stop():
             break
-        survive(svc.evaluate_due, "decision.relay_round", pause_s=0.5)
+        survive(round_, what, pause_s=pause_s)
+
+
+def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat: Callable[[], None]) -> None:
+    """The relay's evaluator thread: a round of due models each time the decision service cues one
+    (or every ``ROUND_WAIT_S``). ``svc``: a relay-less DecisionService."""
+    run_rounds(lambda: wait_for_cue(cue_fd, ROUND_WAIT_S), should_stop, svc.evaluate_due, "decision.relay_round",
+               heartbeat)
 
 
 def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None, beat=None, cue=None,
@@ -226,7 +234,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
 
     relay.run(should_stop, heartbeat)
     if evaluator is not None:
-        evaluator.join(30)  # it sees the stop within ROUND_WAIT_S  # a round in hand finishes (its records and enqueues are one unit each)
+        evaluator.join(30)  # it sees the stop within ROUND_WAIT_S, after the round in hand
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
 
 
@@ -281,7 +289,7 @@ class RelayProcess:
             return
         try:
             os.write(self._cue.fileno(), b"c")
-        except (BlockingIOError, BrokenPipeError, OSError):
+        except OSError:  # full (BlockingIOError) or no reader left (BrokenPipeError)
             pass
 
     def ready(self) -> bool:

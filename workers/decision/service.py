@@ -33,12 +33,12 @@ import structlog
 from config.keys import Keys, keys_from_settings
 from config.policy import Policy
 from config.settings import Settings, get_settings
-from events.bus import EventBus, StreamConsumer, gc_paused, survive
+from events.bus import EventBus, StreamConsumer, gc_paused
 from events.envelope import CloudEvent, new_event
 from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
 from workers.decision.policy import apply_guards, evaluate
-from workers.decision.relay import RelayProcess, celery_enqueue, enqueue_recorded, warm_up_celery
+from workers.decision.relay import RelayProcess, celery_enqueue, enqueue_recorded, run_rounds, warm_up_celery
 from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys
 from workers.metrics import observe_events
 from workers.policies import PolicyStore
@@ -291,21 +291,17 @@ class DecisionService:
         While the relay process is ready the round is its to run (on another core: see
         ``workers/decision/relay.py``); this thread passes the cue on and keeps the safety nets.
         """
-        while not self._stopping:
+        def next_cue() -> None:
             self._round_wanted.wait(ROUND_INTERVAL_S)
             self._round_wanted.clear()
-            if self._stopping:
-                break
-            survive(self._round, "decision.round")
+
+        run_rounds(next_cue, lambda: self._stopping, self._round, "decision.round", pause_s=1.0)
 
     def _round(self) -> None:
         """One cue's work: the relay's round to run if it is ready (this thread keeps the safety nets), else ours."""
         if self.relay is not None and self.relay.ready():
             self.relay.cue()
-            try:
-                self.replay_outbox()
-            finally:
-                self.relay.ensure_running()
+            self._safety_nets(time.time())
             return
         self.after_batch()
 
@@ -347,11 +343,15 @@ class DecisionService:
         try:
             self.evaluate_due(now)
         finally:  # a round that fails must not stop the safety nets
-            try:
-                self.replay_outbox(now)
-            finally:
-                if self.relay is not None:
-                    self.relay.ensure_running()
+            self._safety_nets(now)
+
+    def _safety_nets(self, now: float) -> None:
+        """The outbox replay, then (whatever it raised) the relay's restart check."""
+        try:
+            self.replay_outbox(now)
+        finally:
+            if self.relay is not None:
+                self.relay.ensure_running()
 
     def evaluate_due(self, now: float | None = None) -> int:
         """Evaluate (up to ``MAX_DUE_PER_ROUND``) due models; return the number of decisions made."""
