@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from events.envelope import MODEL_NAME_PATTERN, CloudEvent, EventError, new_event, utf8_size
+from events.envelope import MODEL_NAME_PATTERN, CloudEvent, EventError, check_size, new_event
 
 ALERTMANAGER_SOURCE = "urn:retrain:adapter:alertmanager"
 EVIDENTLY_SOURCE = "urn:retrain:adapter:evidently"
@@ -265,8 +265,8 @@ def alertmanager_events(payload: Any, *, source: str = ALERTMANAGER_SOURCE,
                 id=event_id,
                 time=_parse_time(alert.startsAt),
             )
-            if max_event_bytes is not None and utf8_size(event.to_json()) > max_event_bytes:
-                raise _Unmappable(f"event is over the limit of {max_event_bytes} bytes")
+            if max_event_bytes is not None:
+                check_size(event.to_json(), max_event_bytes)
         except (_Unmappable, EventError) as exc:
             result.rejected.append({"index": index, "alertname": name, "fingerprint": fingerprint, "reason": str(exc)})
             continue

@@ -41,7 +41,7 @@ import redis
 import structlog
 
 from config.keys import Keys, StreamLayoutError
-from events.envelope import CloudEvent, EventError, parse_event, stream_json, utf8_size
+from events.envelope import CloudEvent, EventError, check_size, parse_event, stream_json
 
 log = structlog.get_logger(__name__)
 
@@ -248,8 +248,7 @@ class EventBus:
             try:
                 event = item if isinstance(item, CloudEvent) else parse_event(item, max_bytes=max_bytes)
                 payload = stream_json(event)
-                if len(payload) > max_bytes // 4 and (size := utf8_size(payload)) > max_bytes:
-                    raise EventError(f"event is {size} bytes, over the limit of {max_bytes}")
+                check_size(payload, max_bytes)
             except EventError as exc:
                 result.rejected.append((index, str(exc)))
                 continue
