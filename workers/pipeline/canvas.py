@@ -42,13 +42,18 @@ def build_pipeline(ctx: dict[str, Any]):
     # argsrepr: what Flower and the worker logs show for the first step; without it Celery
     # builds a repr of the whole context on every enqueue.
     shown = f"(model={ctx['model']!r}, pipeline_id={pid!r}, decision_id={ctx['decision_id']!r})"
+    # ignore_result: a step's outcome lives in the pipeline's own record (and its events), not
+    # in the result backend; sent with the message, it also spares the sender a result-channel
+    # SUBSCRIBE per enqueue (and an UNSUBSCRIBE per step result it will never read). Failures
+    # are still stored (the tasks' store_errors_even_if_ignored) and link_error still runs.
+    quiet = {"priority": priority, "ignore_result": True}
     canvas = chain(
-        tasks.validate_data.si(ctx).set(queue=queue, task_id=f"{pid}.validate_data", priority=priority,
-                                        argsrepr=shown, kwargsrepr="{}"),
-        tasks.train.s().set(queue=queue, task_id=f"{pid}.train", priority=priority),
-        tasks.gate.s().set(queue=QUEUE_GATE, task_id=f"{pid}.gate", priority=priority),
-        tasks.stage.s().set(queue=QUEUE_GATE, task_id=f"{pid}.stage", priority=priority),
-        tasks.start_rollout.s().set(queue=QUEUE_ROLLOUT, task_id=f"{pid}.start_rollout", priority=priority),
+        tasks.validate_data.si(ctx).set(queue=queue, task_id=f"{pid}.validate_data", argsrepr=shown,
+                                        kwargsrepr="{}", **quiet),
+        tasks.train.s().set(queue=queue, task_id=f"{pid}.train", **quiet),
+        tasks.gate.s().set(queue=QUEUE_GATE, task_id=f"{pid}.gate", **quiet),
+        tasks.stage.s().set(queue=QUEUE_GATE, task_id=f"{pid}.stage", **quiet),
+        tasks.start_rollout.s().set(queue=QUEUE_ROLLOUT, task_id=f"{pid}.start_rollout", **quiet),
     )
     return canvas.on_error(tasks.pipeline_failed.s(ctx))
 

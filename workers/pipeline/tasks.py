@@ -28,6 +28,7 @@ STEP_OPTIONS: dict[str, Any] = {
     "retry_jitter": True,
     "max_retries": 5,
     "bind": True,
+    "store_errors_even_if_ignored": True,  # results are ignored (see canvas.build_pipeline), failures kept
 }
 
 
