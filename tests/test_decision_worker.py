@@ -16,6 +16,7 @@ from events.bus import EventBus
 from events.envelope import new_event
 from tests.support import ROOT, wait_for
 from workers.decision.service import DecisionService
+from workers.decision.state import lease_score
 
 POLICY = """
 [model]
@@ -337,9 +338,9 @@ class TestEnqueueOutbox:
         svc.bus.publish(drift(score=0.2))
         svc.consumer.poll(block_ms=10)
         now = time.time()
-        states = svc.store.claim_and_load(["churn"], "me", 30_000, now)
+        states = svc.store.claim_and_load(["churn"], lease_score(now + 30), now)
         redis_client.hset(keys.guard("churn"), "in_flight", "p-other-worker")
-        svc._evaluate(states, now, "me")
+        svc._evaluate(states, now)
         [rec] = records(svc)
         assert rec["action"] == "suppress" and "another decision worker" in rec["reason"] and rec["pipeline_id"] is None
         assert redis_client.hget(keys.guard("churn"), "in_flight") == b"p-other-worker"
@@ -486,13 +487,13 @@ class TestBrokenState:
 
 def _model_state(client, keys, model):
     """The recorded per-model state, without the times that depend on when it was written."""
-    guard = client.hgetall(keys.guard(model))
+    pending = client.lrange(keys.pending_events(model), 0, -1)
     return {
         "signals": {k: json.loads(v)["data"] for k, v in client.hgetall(keys.signals(model)).items()},
         "drift": client.lrange(keys.drift_history(model), 0, -1),
-        "pending": client.lrange(keys.pending_events(model), 0, -1),
+        "pending": [entry.split(b" ", 1)[1] for entry in pending],
         "history": [json.loads(f[b"e"])["id"] for _, f in client.xrange(keys.history(model))],
-        "window": sorted(k for k in guard if k in (b"first_pending", b"last_pending")),
+        "stamped": all(float(entry.split(b" ", 1)[0]) > 0 for entry in pending),  # when each was recorded
     }
 
 
@@ -524,7 +525,7 @@ class TestBatchRecording:
         assert batched["drift"] == single["drift"] == [b"0.07"]
         assert len(batched["pending"]) == len(single["pending"]) == 7
         assert len(batched["history"]) == len(single["history"]) == 9
-        assert batched["window"] == single["window"] == [b"first_pending", b"last_pending"]
+        assert batched["stamped"] and single["stamped"]
         assert touched == {"batched"} and urgent == set()
 
     def test_a_large_batch_registers_and_schedules_every_model_and_trims_the_drift_history(self, redis_client, keys):
@@ -572,19 +573,46 @@ class TestBatchRecording:
 
 
 class TestClaiming:
-    def test_claim_skips_models_locked_elsewhere_or_no_longer_due(self, make_service, redis_client):
-        """A worker only loads due models whose lock it took; the ones it could not take keep their locks."""
+    def test_claim_skips_models_leased_elsewhere_or_no_longer_due(self, make_service, redis_client):
+        """A worker only loads due models, leasing them; one leased by another worker keeps its lease, and
+        an expired lease (its evaluator died) is taken over."""
         svc = make_service()
-        for m in ("due", "locked", "done"):
+        for m in ("due", "leased", "done", "abandoned"):
             svc.bus.publish(drift(model=m, score=0.05))
         svc.consumer.poll(block_ms=10)
-        redis_client.set(svc.keys.lock("locked", "decide"), "another-worker")
+        now = time.time()
+        theirs = lease_score(now + 20)
+        redis_client.zadd(svc.keys.due(), {"leased": theirs, "abandoned": lease_score(now - 1)})
         redis_client.zrem(svc.keys.due(), "done")  # evaluated by another worker meanwhile
-        states = svc.store.claim_and_load(["due", "locked", "done"], "me", 30_000)
-        assert set(states) == {"due"}
-        assert redis_client.get(svc.keys.lock("locked", "decide")) == b"another-worker"
-        assert not redis_client.exists(svc.keys.lock("done", "decide"))
-        assert svc.store.release_locks(["due", "locked"], "me") == 1
+        mine = lease_score(now + 30)
+        states = svc.store.claim_and_load(["due", "leased", "done", "abandoned"], mine, now)
+        assert set(states) == {"due", "abandoned"}
+        assert redis_client.zscore(svc.keys.due(), "leased") == theirs
+        assert redis_client.zscore(svc.keys.due(), "due") == redis_client.zscore(svc.keys.due(), "abandoned") == mine
+        assert redis_client.zscore(svc.keys.due(), "done") is None
+        # A leased model is out of every worker's due range until its lease expires.
+        assert svc.evaluate_due(now + 1) == 0
+        assert svc.store.release_leases(["due", "leased"], mine, now) == 1  # only what this lease holds
+        assert redis_client.zscore(svc.keys.due(), "due") == pytest.approx(now)
+        assert redis_client.zscore(svc.keys.due(), "leased") == theirs
+
+    def test_a_manual_request_does_not_break_a_lease_and_the_evaluation_re_arms_it(self, make_service, redis_client):
+        """A manual request recorded while its model is being evaluated leaves the lease alone; the
+        evaluation finishing sees the newer pending signal and makes the model due again now."""
+        svc = make_service()
+        svc.bus.publish(drift(model="m", score=0.05))
+        svc.consumer.poll(block_ms=10)
+        now = time.time()
+        lease = lease_score(now + 30)
+        states = svc.store.claim_and_load(["m"], lease, now)
+        manual = new_event("retrain.requested", "m", {"reason": "hotfix"})
+        svc.bus.publish(manual)
+        svc.consumer.poll(block_ms=10)
+        assert redis_client.zscore(svc.keys.due(), "m") == lease
+        svc._evaluate(states, now)
+        assert 0 < redis_client.zscore(svc.keys.due(), "m") <= time.time()
+        pending = redis_client.lrange(svc.keys.pending_events("m"), 0, -1)
+        assert [e.split(b" ", 1)[1].decode() for e in pending] == [manual.id]
 
 
 class TestExplain:

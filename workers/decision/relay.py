@@ -16,7 +16,7 @@ byte on a pipe), and a thread of the relay runs the round (due models, policy, r
 enqueue of its own start decisions) on this second core, while the service's process only
 reads and records batches: one Python process is GIL-bound at a few thousand events a second.
 While the relay is not ready the service evaluates on its own evaluator thread; both at once is
-safe (per-model evaluation locks, as with several decision workers).
+safe (per-model evaluation leases, as with several decision workers).
 
 At least once, never lost: an entry popped by a relay that dies before the enqueue stays in the
 outbox, and the decision service's outbox replay (which publishes ``retrain.decided`` first)

@@ -7,14 +7,15 @@ follow-up came. An evaluation that fires or is suppressed writes a decision reco
 ``retrain.decided`` / ``retrain.suppressed`` event; one that fires takes the model's
 single-flight slot and enqueues the training pipeline on the urgency's queue.
 
-Several decision workers may run (one consumer group): a per-model lock serialises
-evaluations, and the single-flight slot is taken under it, so two workers never start two
-pipelines for one model.
+Several decision workers may run (one consumer group): a model is evaluated under a lease (its
+score in the due set, set to minus the lease's expiry, takes it out of every worker's due range
+until the evaluation writes the score it leaves with), and the single-flight slot is taken with
+a compare-and-set, so two workers never start two pipelines for one model.
 
 Costs are per batch and per model, not per event: a batch is folded per model in Python and
 recorded (and its models scheduled) by one script call inside the bus's transaction; a round
-of evaluations takes its locks and reads every model's state in one script call, and writes
-its bookkeeping and releases its locks in one transaction.
+of evaluations leases its models and reads every model's state in one script call, and writes
+its bookkeeping (which ends the leases) in one transaction.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
 from workers.decision.policy import apply_guards, evaluate
 from workers.decision.relay import RelayProcess, celery_enqueue, enqueue_recorded, run_rounds, warm_up_celery
-from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys
+from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, lease_score, model_keys, pending_entry
 from workers.metrics import observe_events
 from workers.policies import PolicyStore
 
@@ -50,7 +51,8 @@ DRIFT_HISTORY_LEN = 50
 MAX_DUE_PER_ROUND = 500
 ROUND_INTERVAL_S = 1.0
 """Longest the evaluator waits for the consumer's cue (debounce timers and the safety nets need rounds too)."""
-LOCK_TTL_MS = 30_000
+LEASE_S = 30.0
+"""How long a worker's claim on a model it evaluates lasts (longer than any round; it expires if the worker dies)."""
 OUTBOX_REPLAY_S = 10.0
 """How often a service looks for decided pipelines that never reached Celery."""
 OUTBOX_GRACE_S = 30.0
@@ -67,22 +69,23 @@ CLEARED_BY_PROMOTION = (*STATE_SIGNALS, "upstream.changed")
 
 # The whole batch's state updates in one call. Per model, in this order: make it due, register it, append
 # the events to the model's history, delete the signals a promotion cleared, set the latest
-# signal of each type, extend the drift history, append the pending ids and stamp the pending
-# window. Python folds the batch so that the end state equals applying the events one by one.
+# signal of each type, extend the drift history, append the pending entries (each stamped with
+# the time it was recorded: the debounce window). Python folds the batch so that the end state
+# equals applying the events one by one.
 RECORD_BATCH = """
--- KEYS: due, models, then per model (history, signals, drift_history, pending_events, guard)
+-- KEYS: due, models, then per model (history, signals, drift_history, pending_events)
 -- ARGV: now, history maxlen, drift history length, then per model:
 --   model, schedule           0 no, 1 due now unless already due (ZADD NX), 2 due now (a manual
---                             request: overrides a later debounce time)
+--                             request: overrides a later debounce time, not an evaluation's lease)
 --   n, payload * n            history entries, in order
 --   n, type * n               signal fields to delete (a promotion happened)
 --   0|1                       delete the drift history first
 --   n, (type, i) * n          latest signal per type: the i-th (0-based) of this model's payloads
 --   n, score * n              drift scores, oldest first
---   n, event id * n           pending event ids, in order (n > 0 also stamps the pending window)
+--   n, entry * n              pending entries ("<recorded at> <event id>"), in order
 -- All or nothing: every key's type is checked before the first write (Redis does not roll a
 -- script back), so a corrupted key fails the batch with nothing of it applied.
-local expected = {'stream', 'hash', 'list', 'list', 'hash'}
+local expected = {'stream', 'hash', 'list', 'list'}
 local function check(key, kind)
   local t = redis.call('TYPE', key).ok
   if t ~= 'none' and t ~= kind then
@@ -92,7 +95,7 @@ end
 local bad = check(KEYS[1], 'zset') or check(KEYS[2], 'set')
 if bad then return bad end
 for k = 3, #KEYS do
-  bad = check(KEYS[k], expected[(k - 3) % 5 + 1])
+  bad = check(KEYS[k], expected[(k - 3) % 4 + 1])
   if bad then return bad end
 end
 local now, maxlen, driftlen = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -102,11 +105,18 @@ end
 -- The models set and the due set take one variadic command per batch (after the loop), not one per model.
 local models, due_nx, due_now = {}, {}, {}
 local a = 4
-for k = 3, #KEYS, 5 do
+for k = 3, #KEYS, 4 do
   local model, schedule = ARGV[a], ARGV[a + 1]
   models[#models + 1] = model
   if schedule == '1' then due_nx[#due_nx + 1] = now; due_nx[#due_nx + 1] = model
-  elseif schedule == '2' then due_now[#due_now + 1] = now; due_now[#due_now + 1] = model end
+  elseif schedule == '2' then
+    local score = tonumber(redis.call('ZSCORE', KEYS[1], model))
+    if score and score < -tonumber(now) then  -- leased (being evaluated): its evaluation re-arms it
+      due_nx[#due_nx + 1] = now; due_nx[#due_nx + 1] = model
+    else
+      due_now[#due_now + 1] = now; due_now[#due_now + 1] = model
+    end
+  end
   local n = tonumber(ARGV[a + 2])
   local first = a + 3
   for i = first, first + n - 1 do
@@ -136,17 +146,13 @@ for k = 3, #KEYS, 5 do
   end
   a = a + n + 1
   n = tonumber(ARGV[a])
-  if n > 0 then
-    each('RPUSH', KEYS[k + 3], a + 1, a + n)
-    redis.call('HSETNX', KEYS[k + 4], 'first_pending', now)
-    redis.call('HSET', KEYS[k + 4], 'last_pending', now)
-  end
+  if n > 0 then each('RPUSH', KEYS[k + 3], a + 1, a + n) end
   a = a + n + 1
 end
 for i = 1, #models, 1000 do redis.call('SADD', KEYS[2], unpack(models, i, math.min(i + 999, #models))) end
 for i = 1, #due_nx, 1000 do redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx, i, math.min(i + 999, #due_nx))) end
 for i = 1, #due_now, 1000 do redis.call('ZADD', KEYS[1], unpack(due_now, i, math.min(i + 999, #due_now))) end
-return (#KEYS - 2) / 5
+return (#KEYS - 2) / 4
 """
 
 
@@ -195,11 +201,12 @@ def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool 
             b[2].clear()
     if not batches:
         return touched, urgent
+    now = f"{time.time():.6f}"
     script_keys: list[str] = [keys.due(), keys.models()]
-    args: list[Any] = [f"{time.time():.6f}", HISTORY_MAXLEN, DRIFT_HISTORY_LEN]
+    args: list[Any] = [now, HISTORY_MAXLEN, DRIFT_HISTORY_LEN]
     for model, (history, latest, drift, pending, promoted) in batches.items():
         mk = model_keys(keys, model)
-        script_keys += (mk.history, mk.signals, mk.drift_history, mk.pending_events, mk.guard)
+        script_keys += (mk.history, mk.signals, mk.drift_history, mk.pending_events)
         args += (model, (2 if model in urgent else 1) if schedule and pending else 0, len(history))
         args += history
         if promoted:
@@ -216,7 +223,7 @@ def record_events(keys: Keys, events: list[CloudEvent], pipe, *, schedule: bool 
         args.append(len(drift))
         args += drift
         args.append(len(pending))
-        args += pending
+        args += [pending_entry(now, event_id) for event_id in pending]
     # EVAL (not EVALSHA): inside MULTI a NOSCRIPT error would fail this command alone and let
     # the rest of the transaction (seen marks, acks) commit without the state it records.
     pipe.eval(RECORD_BATCH, len(script_keys), *script_keys, *args)
@@ -268,7 +275,7 @@ class DecisionService:
         both ran on one thread), so a batch is read and recorded while the previous one's models
         are evaluated. With a ready relay process the round runs there, on another core (this
         process is GIL-bound otherwise); else here. What they touch in Redis is already safe for
-        several decision workers at once (the bus's commit, per-model evaluation locks, the due
+        several decision workers at once (the bus's commit, per-model evaluation leases in the due
         set).
         """
         if not self._warmed:
@@ -357,24 +364,25 @@ class DecisionService:
         """Evaluate (up to ``MAX_DUE_PER_ROUND``) due models; return the number of decisions made."""
         now = now or time.time()
         with gc_paused():  # a round allocates per model; reference counting frees it (see gc_paused)
-            due = [m.decode() for m in self.redis.zrangebyscore(self.keys.due(), "-inf", now, start=0,
+            # Due (0 <= score <= now) or leased by an evaluation that did not finish in time (see claim_and_load).
+            due = [m.decode() for m in self.redis.zrangebyscore(self.keys.due(), -now, now, start=0,
                                                                    num=MAX_DUE_PER_ROUND)]
             return self._evaluate_models(due, now) if due else 0
 
     def _evaluate_models(self, due: list[str], now: float) -> int:
-        token = f"{self.consumer_name}:{uuid.uuid4().hex[:8]}"
+        lease = lease_score(now + LEASE_S)
         policies = self._policies(due)  # looked up once: the state read depends on them (drift window)
         try:
-            states = self.store.claim_and_load(due, token, LOCK_TTL_MS, now, _drift_entries(policies))
+            states = self.store.claim_and_load(due, lease, now, _drift_entries(policies))
         except BaseException:
-            self.store.release_locks(due, token)  # whichever of them the call took
+            self.store.release_leases(due, lease)  # whichever of them the call leased
             raise
         if not states:
             return 0
         try:
-            return self._evaluate(states, now, token, policies)
+            return self._evaluate(states, now, policies)
         except BaseException:
-            self.store.release_locks(list(states), token)  # harmless if the transaction already did
+            self.store.release_leases(list(states), lease)  # those whose transaction did not run
             raise
 
     def _policies(self, models: list[str]) -> dict[str, Any]:
@@ -388,8 +396,13 @@ class DecisionService:
         return out
 
     # --- one round of evaluations --------------------------------------------------------
-    def _evaluate(self, states: dict[str, StoredState], now: float, token: str | None = None,
-                  policies: dict[str, Any] | None = None) -> int:
+    def _evaluate(self, states: dict[str, StoredState], now: float, policies: dict[str, Any] | None = None) -> int:
+        """Evaluate loaded models and commit the outcomes in one transaction.
+
+        Every outcome writes the model's score in the due set (finished: due again now if newer
+        signals wait, else gone; deferred: its later time, or gone for a follow-up; failed: the
+        retry time), which also ends the lease its evaluation held.
+        """
         when = datetime.fromtimestamp(now, timezone.utc)
         if policies is None:
             policies = self._policies(list(states))
@@ -451,8 +464,6 @@ class DecisionService:
         # The bookkeeping of every evaluated model in one call; its keys are disjoint from the
         # commands above (slot, records, alerts), so its place in the transaction is free.
         self.store.finish_many(pipe, finished, now)
-        if token is not None:
-            self.store.release_locks(list(states), token, pipe=pipe)
         results = pipe.execute()
         to_start: list[dict[str, Any]] = []
         for record, index in slots:
@@ -478,7 +489,7 @@ class DecisionService:
         return made
 
     def _slot_lost(self, record: dict[str, Any]) -> dict[str, Any]:
-        """Rewrite a start whose slot another worker took meanwhile (our lock had expired) as a suppression."""
+        """Rewrite a start whose slot another worker took meanwhile (our lease had expired) as a suppression."""
         log.warning("decision.slot_taken_meanwhile", model=record["model"], decision_id=record["id"])
         record.update(action="suppress", retrain=False, pipeline_id=None, queue=None,
                       reason="single flight: another decision worker started a pipeline for this model meanwhile")

@@ -27,72 +27,47 @@ ONE_SHOT_SIGNALS = ("schedule.tick", "retrain.requested")
 STATE_SIGNALS = ("drift.data", "drift.concept", "performance.measured", "volume.accumulated")
 """Signals about the production model; cleared when a new model is promoted."""
 
-# After an evaluation: drop the consumed pending ids, re-arm if newer ones arrived meanwhile,
-# and delete one-shot signals only if they are still the ones the evaluation saw.
-FINISH_EVALUATION = """
--- KEYS: pending_events, guard, due, signals
--- ARGV: n_consumed, last_pending_seen, model, now, then (field, value) pairs of one-shot signals
-local n = tonumber(ARGV[1])
-if n > 0 then redis.call('LTRIM', KEYS[1], n, -1) end
-local remaining = redis.call('LLEN', KEYS[1])
-if remaining > 0 then
-  redis.call('HSET', KEYS[2], 'first_pending', ARGV[4])
-  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
-else
-  local last = redis.call('HGET', KEYS[2], 'last_pending')
-  if (not last) or last == ARGV[2] then
-    redis.call('HDEL', KEYS[2], 'first_pending', 'last_pending')
-  end
-  redis.call('ZREM', KEYS[3], ARGV[3])
-end
-for i = 5, #ARGV, 2 do
-  if redis.call('HGET', KEYS[4], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[4], ARGV[i]) end
-end
-return remaining
-"""
-
-# Many models at once, with the same per-model effect as FINISH_EVALUATION.
+# After evaluating many models: per model, drop the consumed pending entries; a model with newer
+# ones (recorded meanwhile) is due again now, else it leaves the due set (which also ends the
+# evaluation's lease there); delete the one-shot signals only if they are still the ones seen.
 FINISH_MANY = """
--- KEYS: due, then (pending_events, guard, signals) per model
--- ARGV: now, then per model: model, n_consumed, last_pending_seen, n_one_shot, (field, value) * n_one_shot
+-- KEYS: due, then (pending_events, signals) per model
+-- ARGV: now, then per model: model, n_consumed, n_one_shot, (field, value) * n_one_shot
 local now = ARGV[1]
 local a = 2
-for k = 2, #KEYS, 3 do
-  local model, n, seen, shots = ARGV[a], tonumber(ARGV[a + 1]), ARGV[a + 2], tonumber(ARGV[a + 3])
-  a = a + 4
+for k = 2, #KEYS, 2 do
+  local model, n, shots = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
   if n > 0 then redis.call('LTRIM', KEYS[k], n, -1) end
   if redis.call('LLEN', KEYS[k]) > 0 then
-    redis.call('HSET', KEYS[k + 1], 'first_pending', now)
     redis.call('ZADD', KEYS[1], now, model)
   else
-    local last = redis.call('HGET', KEYS[k + 1], 'last_pending')
-    if (not last) or last == seen then
-      redis.call('HDEL', KEYS[k + 1], 'first_pending', 'last_pending')
-    end
     redis.call('ZREM', KEYS[1], model)
   end
   for i = a, a + 2 * shots - 1, 2 do
-    if redis.call('HGET', KEYS[k + 2], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[k + 2], ARGV[i]) end
+    if redis.call('HGET', KEYS[k + 1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[k + 1], ARGV[i]) end
   end
   a = a + 2 * shots
 end
-return (#KEYS - 1) / 3
+return (#KEYS - 1) / 2
 """
 
-# Read everything one evaluation needs, for many models in one round trip. With a lock token,
-# first take each model's evaluation lock (SET NX PX) and read only the models whose lock it got
-# and that are still due (another worker may have evaluated one since the caller listed them).
+# Read everything one evaluation needs, for many models in one round trip. With a lease, first
+# claim each model: only one that is due (0 <= score <= now) or whose previous lease expired is
+# claimed, by setting its score in the due set to the lease, -(expiry): a leased model is out of
+# every worker's due range [-now, now] until its evaluation rewrites its score (due again, later,
+# or gone) or the lease expires (its evaluator died).
 LOAD_STATES = """
--- KEYS: due, evaluation errors, then per model (lock, signals, drift_history, guard, trainings, pending_events,
+-- KEYS: due, evaluation errors, then per model (signals, drift_history, guard, trainings, pending_events,
 --   aliases, versions)
--- ARGV: token ('' = no lock, no due check), lock ttl ms, trainings since (score), drift entries
---   to read, now, then the model names (in KEYS order)
+-- ARGV: lease ('' = no claim, no due check), trainings since (score), drift entries to read, now,
+--   then the model names (in KEYS order)
 -- Each model reads as {signals, drift, guard, trainings, pending, production, failing} where failing is 1
 -- when its last evaluation failed; a model with a key of the wrong type reads as {'error', message,
--- failing}: the others still load.
+-- failing}: the others still load. A model not claimed reads as false.
 -- (Reads go through pcall, so the check costs nothing when the keys are sound.)
 local out = {}
-local token, ttl, since, ndrift, now = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]) - 1, tonumber(ARGV[5])
+local lease, since, ndrift, now = ARGV[1], ARGV[2], tonumber(ARGV[3]) - 1, tonumber(ARGV[4])
 local err
 local any_failing = redis.call('HLEN', KEYS[2]) > 0  -- usually none: then no per-model lookup
 local function read(cmd, key, ...)
@@ -103,38 +78,38 @@ local function read(cmd, key, ...)
   end
   return r
 end
-for k = 3, #KEYS, 8 do
+local m = 4
+for k = 3, #KEYS, 7 do
+  m = m + 1
+  local model = ARGV[m]
   local claimed = true
-  if token ~= '' then
-    if not redis.call('SET', KEYS[k], token, 'NX', 'PX', ttl) then
-      claimed = false
+  if lease ~= '' then
+    local score = tonumber(redis.call('ZSCORE', KEYS[1], model))
+    if score and score <= now and score >= -now then
+      redis.call('ZADD', KEYS[1], lease, model)
     else
-      local due = redis.call('ZSCORE', KEYS[1], ARGV[5 + (k + 5) / 8])
-      if (not due) or tonumber(due) > now then
-        redis.call('DEL', KEYS[k])
-        claimed = false
-      end
+      claimed = false
     end
   end
   if not claimed then
     out[#out + 1] = false
   else
     err = nil
-    local failing = any_failing and redis.call('HEXISTS', KEYS[2], ARGV[5 + (k + 5) / 8]) or 0
-    local prod = read('HGET', KEYS[k + 6], 'production')
-    if type(prod) == 'string' then prod = read('HGET', KEYS[k + 7], prod) else prod = false end
+    local failing = any_failing and redis.call('HEXISTS', KEYS[2], model) or 0
+    local prod = read('HGET', KEYS[k + 5], 'production')
+    if type(prod) == 'string' then prod = read('HGET', KEYS[k + 6], prod) else prod = false end
     if type(prod) ~= 'string' then prod = false end
-    local signals = read('HGETALL', KEYS[k + 1])
+    local signals = read('HGETALL', KEYS[k])
     local drift = {}  -- the drift history only counts with a drift signal (model_signals)
     for i = 1, #signals, 2 do
-      if signals[i] == 'drift.data' then drift = read('LRANGE', KEYS[k + 2], 0, ndrift) end
+      if signals[i] == 'drift.data' then drift = read('LRANGE', KEYS[k + 1], 0, ndrift) end
     end
     local state = {
       signals,
       drift,
-      read('HGETALL', KEYS[k + 3]),
-      read('ZRANGEBYSCORE', KEYS[k + 4], since, '+inf', 'WITHSCORES'),
-      read('LRANGE', KEYS[k + 5], 0, -1),
+      read('HGETALL', KEYS[k + 2]),
+      read('ZRANGEBYSCORE', KEYS[k + 3], since, '+inf', 'WITHSCORES'),
+      read('LRANGE', KEYS[k + 4], 0, -1),
       prod,
       failing,
     }
@@ -142,6 +117,18 @@ for k = 3, #KEYS, 8 do
   end
 end
 return out
+"""
+
+RELEASE_LEASES = """
+-- KEYS: due ; ARGV: lease, now, then model names. Each model still holding this lease is due again now.
+local n = 0
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) == tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i]); n = n + 1
+  end
+end
+return n
 """
 
 UNLOCK_MANY = """
@@ -198,6 +185,30 @@ ENQUEUE_LOCK_TTL_MS = 20_000
 """How long a claimed outbox entry is reserved for its enqueuer (below the 30 s outbox replay grace)."""
 
 
+def pending_entry(recorded_at: str, event_id: str) -> str:
+    """A model's pending-list entry: when the signal was recorded (Unix seconds, as text), a space, its event id.
+
+    The list is the debounce window too: its first and last entries' times are when the pending
+    burst began and when it was last extended, so recording a signal writes one entry and nothing else.
+    """
+    return f"{recorded_at} {event_id}"
+
+
+def parse_pending(entries: list[Any]) -> tuple[list[str], float | None, float | None]:
+    """Pending-list entries -> (event ids, first recorded at, last recorded at); see :func:`pending_entry`."""
+    ids: list[str] = []
+    times: list[float] = []
+    for raw in entries:
+        entry = _str(raw)
+        stamp, _, event_id = entry.partition(" ")
+        try:
+            times.append(float(stamp))
+        except ValueError:  # not written by pending_entry: the whole entry is the id, its time unknown
+            event_id = entry
+        ids.append(event_id if event_id else entry)
+    return ids, (min(times) if times else None), (max(times) if times else None)
+
+
 def relay_queue_entry(model: str, pipeline_id: str) -> str:
     """The enqueue relay's queue entry for a pipeline (see :meth:`DecisionStore.queue_for_relay`)."""
     return json.dumps([model, pipeline_id])
@@ -236,7 +247,6 @@ class ModelKeys:
     trainings: str
     aliases: str
     versions: str
-    lock: str
 
 
 _MODEL_KEYS: dict[str, dict[str, ModelKeys]] = {}
@@ -255,7 +265,7 @@ def model_keys(keys: Keys, model: str) -> ModelKeys:
         cached = by_model[model] = ModelKeys(
             history=keys.history(model), signals=keys.signals(model), drift_history=keys.drift_history(model),
             pending_events=keys.pending_events(model), guard=keys.guard(model), trainings=keys.trainings(model),
-            aliases=keys.aliases(model), versions=keys.versions(model), lock=keys.lock(model, "decide"),
+            aliases=keys.aliases(model), versions=keys.versions(model),
         )
     return cached
 
@@ -272,6 +282,11 @@ class StoredState:
     guard: dict[str, str] = field(default_factory=dict)
     trainings: list[tuple[str, float]] = field(default_factory=list)
     pending_ids: list[str] = field(default_factory=list)
+    """The ids of the signals recorded since the model's last evaluation, oldest first."""
+    pending_since: float | None = None
+    """When the first of them was recorded (Unix seconds) ..."""
+    pending_until: float | None = None
+    """... and the last: the debounce window (see :func:`pending_entry`)."""
     production: dict[str, Any] | None = None
     raw_signals: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
@@ -285,8 +300,8 @@ class StoredState:
             last_training=_ts(g.get("last_training")),
             recent_trainings=tuple([datetime.fromtimestamp(t, timezone.utc) for _, t in self.trainings]),
             in_flight=g.get("in_flight") or None,
-            first_pending=_ts(g.get("first_pending")),
-            last_pending=_ts(g.get("last_pending")),
+            first_pending=_ts(self.pending_since),
+            last_pending=_ts(self.pending_until),
         )
 
     def model_signals(self, now: datetime) -> ModelSignals:
@@ -361,38 +376,37 @@ class DecisionStore:
         ``drift_entries``: how many of the newest drift scores to read (persistence looks at the
         last ``n`` only).
         """
-        return self._load_states(models, "", 0, now or time.time(), drift_entries)
+        return self._load_states(models, "", now or time.time(), drift_entries)
 
-    def claim_and_load(self, models: list[str], token: str, ttl_ms: int, now: float | None = None,
+    def claim_and_load(self, models: list[str], lease: float, now: float | None = None,
                        drift_entries: int = DRIFT_HISTORY_READ) -> dict[str, StoredState]:
-        """Take each model's evaluation lock (``token``, ``ttl_ms``) and read the state of those locked.
+        """Lease each model that is due at ``now`` and read the state of those leased.
 
-        One round trip. Models whose lock another worker holds, or that are no longer due at
-        ``now`` (another worker evaluated them meanwhile), are left out of the result; release
-        the others with :meth:`release_locks`. ``drift_entries`` as in :meth:`load`.
+        One round trip. ``lease`` is :func:`lease_score` of the lease's expiry: it replaces the
+        model's score in the due set, which takes the model out of every worker's due range until
+        its evaluation writes the score it leaves with (:meth:`finish_many`, a deferral, a retry
+        time), or :meth:`release_leases` puts it back. Models not due (another worker evaluated or
+        leased one meanwhile, a debounce moved it later) are left out of the result.
+        ``drift_entries`` as in :meth:`load`.
         """
-        return self._load_states(models, token, ttl_ms, now or time.time(), drift_entries)
+        return self._load_states(models, repr(lease), now or time.time(), drift_entries)
 
-    def release_locks(self, models: list[str], token: str, pipe=None) -> int | None:
-        """Release the evaluation locks of ``models`` that ``token`` still holds (or queue that into ``pipe``)."""
+    def release_leases(self, models: list[str], lease: float, now: float | None = None) -> int:
+        """Make the ``models`` that still hold ``lease`` due again now (their evaluation did not finish)."""
         if not models:
             return 0
-        locks = [model_keys(self.keys, m).lock for m in models]
-        if pipe is not None:
-            pipe.eval(UNLOCK_MANY, len(locks), *locks, token)
-            return None
-        return int(self.redis.eval(UNLOCK_MANY, len(locks), *locks, token))
+        return int(self.redis.eval(RELEASE_LEASES, 1, self.keys.due(), repr(lease),
+                                   repr(now or time.time()), *models))
 
-    def _load_states(self, models: list[str], token: str, ttl_ms: int, now: float,
-                     drift_entries: int) -> dict[str, StoredState]:
+    def _load_states(self, models: list[str], lease: str, now: float, drift_entries: int) -> dict[str, StoredState]:
         if not models:
             return {}
         script_keys: list[str] = [self.keys.due(), self.keys.evaluation_errors()]
         for m in models:
             mk = model_keys(self.keys, m)
-            script_keys += (mk.lock, mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
+            script_keys += (mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
                             mk.aliases, mk.versions)
-        replies = self._load(keys=script_keys, args=[token, ttl_ms, repr(now - TRAININGS_LOOKBACK_S),
+        replies = self._load(keys=script_keys, args=[lease, repr(now - TRAININGS_LOOKBACK_S),
                                                      max(1, drift_entries), repr(now), *models])
         out: dict[str, StoredState] = {}
         signal = self._signal
@@ -405,13 +419,16 @@ class DecisionStore:
             sig, drift, guard, trainings, pending, production, failing = reply
             try:
                 raw_signals = {_str(t): v for t, v in zip(sig[::2], sig[1::2])}
+                pending_ids, pending_since, pending_until = parse_pending(pending)
                 out[m] = StoredState(
                     model=m,
                     signals={t: signal(m, t, v) for t, v in raw_signals.items()},
                     drift_history=[float(x) for x in reversed(drift)],
                     guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
                     trainings=[(_str(p), float(t)) for p, t in zip(trainings[::2], trainings[1::2])],
-                    pending_ids=[_str(p) for p in pending],
+                    pending_ids=pending_ids,
+                    pending_since=pending_since,
+                    pending_until=pending_until,
                     production=json.loads(production) if production else None,
                     raw_signals=raw_signals,
                     failing=bool(failing),
@@ -438,18 +455,9 @@ class DecisionStore:
         self._parsed[key] = (raw, parsed)
         return parsed
 
-    def finish(self, pipe, state: StoredState, now: float) -> None:
-        """Queue the post-evaluation bookkeeping (consumed pending ids, one-shot signals)."""
-        args: list[Any] = [len(state.pending_ids), state.guard.get("last_pending", ""), state.model, f"{now:.6f}"]
-        for field_name, value in state.one_shot_fields():
-            args += [field_name, value]
-        k = self.keys
-        # EVAL (not EVALSHA) inside transactions: see service.RECORD_BATCH.
-        pipe.eval(FINISH_EVALUATION, 4, k.pending_events(state.model), k.guard(state.model), k.due(),
-                  k.signals(state.model), *args)
-
     def finish_many(self, pipe, states: list[StoredState], now: float) -> None:
-        """Queue :meth:`finish` for many models as one script call."""
+        """Queue the post-evaluation bookkeeping of many models (consumed pending entries, one-shot
+        signals, the due set) as one script call."""
         if not states:
             return
         script_keys: list[str] = [self.keys.due()]
@@ -457,11 +465,12 @@ class DecisionStore:
         for state in states:
             m = state.model
             mk = model_keys(self.keys, m)
-            script_keys += (mk.pending_events, mk.guard, mk.signals)
+            script_keys += (mk.pending_events, mk.signals)
             shots = state.one_shot_fields()
-            args += (m, len(state.pending_ids), state.guard.get("last_pending", ""), len(shots))
+            args += (m, len(state.pending_ids), len(shots))
             for field_name, value in shots:
                 args += (field_name, value)
+        # EVAL (not EVALSHA) inside transactions: see service.RECORD_BATCH.
         pipe.eval(FINISH_MANY, len(script_keys), *script_keys, *args)
 
     def take_slot(self, pipe, record: dict[str, Any], now: float) -> int:
@@ -567,4 +576,9 @@ class DecisionStore:
         return [json.loads(r) for r in pipe.execute() if r]
 
 
-__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys"]
+def lease_score(expires_at: float) -> float:
+    """A leased model's score in the due set: minus its expiry (see :meth:`DecisionStore.claim_and_load`)."""
+    return -expires_at
+
+
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "lease_score", "model_keys", "pending_entry"]
