@@ -419,3 +419,69 @@ class TestRelayInACeleryWorker:
         os.kill(worker.proc.pid, signal.SIGKILL)
         worker.proc.wait(15)
         wait_for(lambda: _gone(relay), timeout=15, message="the orphaned relay to exit")
+
+
+class TestEvaluatorThreads:
+    def test_a_cue_during_one_threads_round_starts_the_other_threads_round(self):
+        """Two evaluator threads take cues in turn: while one's round is held (waiting on Redis, say), the next
+        cue starts a round on the other thread, and a cue starts one round, not one per thread."""
+        import threading
+
+        from workers.decision.relay import evaluate_rounds
+
+        held, running_rounds, lock = threading.Event(), [], threading.Lock()
+        rounds = {"started": 0, "max_running": 0}
+
+        class Rounds:  # the service side of the rounds: counts them; the first one holds until released
+            def evaluate_due(self):
+                with lock:
+                    rounds["started"] += 1
+                    first = rounds["started"] == 1
+                    running_rounds.append(1)
+                    rounds["max_running"] = max(rounds["max_running"], len(running_rounds))
+                if first:
+                    held.wait(10)
+                with lock:
+                    running_rounds.pop()
+
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        stop = threading.Event()
+        turn = threading.Lock()
+        threads = [threading.Thread(target=evaluate_rounds, args=(Rounds(), read_fd, stop.is_set, lambda: None, turn),
+                                    daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            os.write(write_fd, b"x")
+            wait_for(lambda: rounds["started"] == 1, timeout=5, message="the first round")
+            os.write(write_fd, b"x")
+            wait_for(lambda: rounds["max_running"] == 2, timeout=5, message="a second round beside the held one")
+            started = rounds["started"]
+            time.sleep(0.2)
+            assert rounds["started"] == started == 2  # one round per cue (the idle wait is 0.5 s)
+        finally:
+            held.set()
+            stop.set()
+            for t in threads:
+                t.join(5)
+            os.close(read_fd)
+            os.close(write_fd)
+
+    def test_the_shared_beat_is_the_oldest_threads(self):
+        """One evaluator thread that stops coming round shows as a stall even while the other keeps beating."""
+        from multiprocessing import Value
+
+        from workers.decision.relay import OldestBeat
+
+        shared = Value("d", 0.0, lock=False)
+        beats = OldestBeat(shared, 2)
+        beats.beat(0)
+        beats.beat(1)
+        stuck_since = shared.value
+        for _ in range(3):
+            time.sleep(0.05)
+            beats.beat(1)
+        assert shared.value == stuck_since
+        beats.beat(0)
+        assert shared.value > stuck_since

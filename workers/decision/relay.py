@@ -12,8 +12,9 @@ Celery and kombu, and the decision loop would otherwise pay it between batches (
 broker). In the relay it runs on another core while the loop reads the next batch.
 
 The relay process also evaluates: the decision service's run() cues it after each poll (a
-byte on a pipe), and a thread of the relay runs the round (due models, policy, records, the
-enqueue of its own start decisions) on this second core, while the service's process only
+byte on a pipe), and an evaluator thread of the relay runs the round (due models, policy,
+records, the enqueue of its own start decisions) on this second core (two threads taking cues
+in turn, so that one's round computes while the other's waits on Redis), while the service's process only
 reads and records batches: one Python process is GIL-bound at a few thousand events a second.
 While the relay is not ready the service evaluates on its own evaluator thread; both at once is
 safe (per-model evaluation leases, as with several decision workers).
@@ -29,6 +30,7 @@ idempotent by pipeline id and step.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import multiprocessing as mp
@@ -64,6 +66,10 @@ STUCK_AFTER_S = 60.0
 START_TIMEOUT_S = 120.0
 ROUND_WAIT_S = 0.5
 """Longest the relay's evaluator waits for a cue before it looks at the due set anyway."""
+EVALUATOR_THREADS = 2
+"""Evaluator threads in the relay process. They take cues in turn, so a cue that arrives while
+one thread's round waits on Redis starts the other's: rounds overlap their round trips. Their
+models never overlap: each round leases the models it evaluates."""
 
 
 def enqueue_recorded(store, enqueue: Callable[[dict[str, Any]], Any], record: dict[str, Any], by: str) -> bool:
@@ -167,11 +173,35 @@ def run_rounds(wait_for_cue: Callable[[], object], should_stop: Callable[[], boo
         survive(round_, what, pause_s=pause_s)
 
 
-def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat: Callable[[], None]) -> None:
-    """The relay's evaluator thread: a round of due models each time the decision service cues one
-    (or every ``ROUND_WAIT_S``). ``svc``: a relay-less DecisionService."""
-    run_rounds(lambda: wait_for_cue(cue_fd, ROUND_WAIT_S), should_stop, svc.evaluate_due, "decision.relay_round",
-               heartbeat)
+def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat: Callable[[], None],
+                    cue_turn: threading.Lock | None = None) -> None:
+    """A relay evaluator thread: a round of due models each time the decision service cues one
+    (or every ``ROUND_WAIT_S``). ``svc``: a relay-less DecisionService. With ``cue_turn``, the
+    threads sharing it wait for cues one at a time (see ``EVALUATOR_THREADS``)."""
+    def next_cue() -> None:
+        if cue_turn is None:
+            wait_for_cue(cue_fd, ROUND_WAIT_S)
+            return
+        with cue_turn:
+            wait_for_cue(cue_fd, ROUND_WAIT_S)
+
+    run_rounds(next_cue, should_stop, svc.evaluate_due, "decision.relay_round", heartbeat)
+
+
+class OldestBeat:
+    """Heartbeats of several threads reported as one: the shared value holds the oldest thread's latest beat,
+    so one thread that stops coming round shows as a stall even while the others keep beating."""
+
+    def __init__(self, shared, threads: int):
+        self.shared = shared
+        self._beats = [time.monotonic()] * threads
+        self._lock = threading.Lock()
+
+    def beat(self, index: int) -> None:
+        with self._lock:
+            self._beats[index] = time.monotonic()
+            if self.shared is not None:
+                self.shared.value = min(self._beats)
 
 
 def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None, beat=None, cue=None,
@@ -181,7 +211,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
 
     ``start_cpu`` (a shared double) receives the CPU seconds the start took (imports, warm-up);
     ``beat`` (a shared double) the ``time.monotonic()`` of the relay loop's latest round, and
-    ``eval_beat`` that of the evaluator thread's; ``cue`` (the read end of a pipe) asks for an
+    ``eval_beat`` the oldest of the evaluator threads' latest rounds; ``cue`` (the read end of a pipe) asks for an
     evaluation round: a byte per cue, never a lock a killed process could leave taken.
     """
     from config.keys import keys_from_settings
@@ -201,7 +231,6 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
         warm_up_celery()
     except Exception as exc:  # noqa: BLE001 - the broker may come later; the first enqueue retries
         log.warning("decision.relay_warm_up_failed", error=str(exc))
-    evaluator = None
     if cue is not None:
         from workers.decision.service import DecisionService
 
@@ -213,9 +242,7 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
         if beat is not None:
             beat.value = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process on the host
 
-    def eval_heartbeat() -> None:
-        if eval_beat is not None:
-            eval_beat.value = time.monotonic()
+    eval_beats = OldestBeat(eval_beat, EVALUATOR_THREADS)
 
     def should_stop() -> bool:
         return bool(terminating) or stop.is_set() or os.getppid() != parent_pid
@@ -223,18 +250,23 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     if start_cpu is not None:
         start_cpu.value = time.process_time()
     heartbeat()  # before ready: a start that took long is not a stall
-    eval_heartbeat()
+    for i in range(EVALUATOR_THREADS):
+        eval_beats.beat(i)
+    evaluators: list[threading.Thread] = []
     if cue is not None:
         os.set_blocking(cue.fileno(), False)
-        evaluator = threading.Thread(target=evaluate_rounds, args=(svc, cue.fileno(), should_stop, eval_heartbeat),
-                                     name="relay-evaluator", daemon=True)
-        evaluator.start()
+        turn = threading.Lock()
+        evaluators = [threading.Thread(target=evaluate_rounds, name=f"relay-evaluator-{i}", daemon=True,
+                                       args=(svc, cue.fileno(), should_stop, functools.partial(eval_beats.beat, i), turn))
+                      for i in range(EVALUATOR_THREADS)]
+        for evaluator in evaluators:
+            evaluator.start()
     ready.set()
     log.info("decision.relay_started", relay=name, pid=os.getpid(), evaluates=cue is not None)
 
     relay.run(should_stop, heartbeat)
-    if evaluator is not None:
-        evaluator.join(30)  # it sees the stop within ROUND_WAIT_S, after the round in hand
+    for evaluator in evaluators:
+        evaluator.join(30)  # each sees the stop within ROUND_WAIT_S (or its turn), after the round in hand
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
 
 
@@ -274,7 +306,7 @@ class RelayProcess:
         return self._proc is not None and self._proc.is_alive()
 
     def stalled_for(self) -> float:
-        """Seconds since the relay's loop (or its evaluator thread, the later of the two) last came round (0 while starting)."""
+        """Seconds since the relay's loop or one of its evaluator threads (the oldest of them) last came round (0 while starting)."""
         if self._beat is None or not self._ready.is_set():
             return 0.0
         return max(0.0, time.monotonic() - min(self._beat.value, self._eval_beat.value))
