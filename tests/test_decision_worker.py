@@ -113,8 +113,9 @@ class TestDecisions:
         assert queued(redis_client, "training.high") == 1
 
     def test_pipeline_message_names_its_pipeline_and_sends_no_task_sent_event(self, make_service, redis_client):
-        """The queued message shows model, pipeline and decision (not a repr of the context); one publish per
-        enqueue; every step is sent with ignore_result, so the enqueuer subscribes to no result channel."""
+        """The queued message is the first step alone, with the failure handler; it shows model, pipeline and
+        decision (not a repr of the context); one publish per enqueue; it is sent with ignore_result, so the
+        enqueuer subscribes to no result channel."""
         svc = make_service()
         pubsub = redis_client.pubsub()
         pubsub.psubscribe("*celeryev*")  # where kombu's Redis transport publishes Celery events
@@ -130,9 +131,9 @@ class TestDecisions:
         assert headers["kwargsrepr"] == "{}"
         assert headers["ignore_result"] is True
         body = json.loads(base64.b64decode(json.loads(redis_client.lindex(key, 0))["body"]))
-        chained = body[2]["chain"]
-        assert [c["options"]["task_id"].rsplit(".", 1)[1] for c in chained] == ["start_rollout", "stage", "gate", "train"]
-        assert all(c["options"]["ignore_result"] is True for c in chained)
+        assert body[2]["chain"] is None  # the first step sends the rest (workers.pipeline.canvas)
+        [errback] = body[2]["errbacks"]
+        assert errback["task"] == "retrain.pipeline.failed" and errback["args"][0]["pipeline_id"] == rec["pipeline_id"]
         assert redis_client.pubsub_numsub(f"celery-task-meta-{headers['id']}") == [
             (f"celery-task-meta-{headers['id']}".encode(), 0)]
         sent = [m for m in iter(lambda: pubsub.get_message(timeout=0.2), None) if m["type"] == "pmessage"]

@@ -151,3 +151,24 @@ def _pipeline(client, keys):
     recs = DecisionStore(client, keys).recent_records("churn", 10)
     starts = [r for r in recs if r["action"] == "start"]
     return starts[0]["pipeline_id"] if starts else "none"
+
+
+class TestCanvas:
+    def test_the_rest_of_the_pipeline_is_one_chain_with_the_failure_handler_and_no_results_kept(self):
+        """What the first step sends: train -> gate -> stage -> start_rollout, each with its deterministic id, its
+        queue, the urgency's priority and ignore_result, and the failure handler on every step."""
+        from workers.pipeline.canvas import pipeline_context, rest_of_pipeline
+
+        ctx = pipeline_context({"model": "churn", "pipeline_id": "p-1", "id": "d-1", "urgency": "high",
+                                "queue": "training.high"})
+        canvas = rest_of_pipeline(ctx)
+        steps = canvas.tasks
+        assert [(s.task, s.options["task_id"], s.options["queue"]) for s in steps] == [
+            ("retrain.pipeline.train", "p-1.train", "training.high"),
+            ("retrain.pipeline.gate", "p-1.gate", "gate"),
+            ("retrain.pipeline.stage", "p-1.stage", "gate"),
+            ("retrain.pipeline.start_rollout", "p-1.start_rollout", "rollout"),
+        ]
+        assert all(s.options["priority"] == 7 and s.options["ignore_result"] is True for s in steps)
+        [errback] = canvas.options["link_error"]  # a chain's link_error goes to each of its steps when sent
+        assert errback["task"] == "retrain.pipeline.failed" and errback["args"][0]["pipeline_id"] == "p-1"

@@ -5,9 +5,10 @@ record and an entry in the enqueue outbox (``keys.enqueue_outbox()``). Once its
 ``retrain.decided`` event is published, the decision loop queues ``[model, pipeline id]`` on
 ``keys.enqueue_queue()`` (oldest first) if its relay is up, else it enqueues the pipeline itself.
 The relay pops that queue, claims the outbox entry (only while the pipeline still holds its slot,
-under the model's enqueue lock), publishes the Celery chain and marks the pipeline ``enqueued``.
+under the model's enqueue lock), publishes the pipeline's first step (it sends the rest itself:
+``workers.pipeline.canvas``) and marks the pipeline ``enqueued``.
 
-Why a process of its own: a Celery chain publish costs a millisecond or more of Python in
+Why a process of its own: a Celery publish costs about half a millisecond of Python in
 Celery and kombu, and the decision loop would otherwise pay it between batches (and wait on the
 broker). In the relay it runs on another core while the loop reads the next batch.
 

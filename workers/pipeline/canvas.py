@@ -1,9 +1,14 @@
 """Build and enqueue the pipeline canvas for a decision.
 
-``chain(validate_data, train, gate, stage, start_rollout)`` with ``link_error`` to the failure
-handler. Only JSON travels between steps (ids and URIs, never frames or models). Each task
-id is deterministic (``<pipeline id>.<step>``), so a re-sent message is recognisable, and every
-step is idempotent by pipeline id + step.
+The pipeline is ``validate_data -> train -> gate -> stage -> start_rollout`` with ``link_error`` to
+the failure handler on every step. The decision worker sends one message, the first step
+(:func:`start_pipeline`); once that step has run, it sends the rest as a Celery chain
+(:func:`rest_of_pipeline`, from the training worker). So a decision costs the decision worker one
+small publish, and the canvas is built where there is time for it. Only JSON travels between
+steps (ids and URIs, never frames or models). Each task id is deterministic
+(``<pipeline id>.<step>``), so a re-sent message is recognisable, and every step is idempotent by
+pipeline id + step (a first step that runs again sends the rest again; its steps return their
+stored outputs).
 """
 
 from __future__ import annotations
@@ -34,26 +39,35 @@ def pipeline_context(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_pipeline(ctx: dict[str, Any]):
-    from workers.pipeline import tasks
-
-    pid, queue = ctx["pipeline_id"], ctx["queue"]
-    priority = PRIORITY.get(ctx.get("urgency", "low"), 1)
-    # argsrepr: what Flower and the worker logs show for the first step; without it Celery
-    # builds a repr of the whole context on every enqueue.
-    shown = f"(model={ctx['model']!r}, pipeline_id={pid!r}, decision_id={ctx['decision_id']!r})"
+def _options(ctx: dict[str, Any], step: str, queue: str) -> dict[str, Any]:
     # ignore_result: a step's outcome lives in the pipeline's own record (and its events), not
     # in the result backend; sent with the message, it also spares the sender a result-channel
-    # SUBSCRIBE per enqueue (and an UNSUBSCRIBE per step result it will never read). Failures
-    # are still stored (the tasks' store_errors_even_if_ignored) and link_error still runs.
-    quiet = {"priority": priority, "ignore_result": True}
+    # SUBSCRIBE per enqueue (and an UNSUBSCRIBE per result it will never read). Failures are
+    # still stored (the tasks' store_errors_even_if_ignored) and link_error still runs.
+    return {"queue": queue, "task_id": f"{ctx['pipeline_id']}.{step}",
+            "priority": PRIORITY.get(ctx.get("urgency", "low"), 1), "ignore_result": True}
+
+
+def first_step(ctx: dict[str, Any]):
+    """The pipeline's first step, on the urgency's training queue, with the failure handler."""
+    from workers.pipeline import tasks
+
+    # argsrepr: what Flower and the worker logs show; without it Celery builds a repr of the
+    # whole context on every enqueue.
+    shown = f"(model={ctx['model']!r}, pipeline_id={ctx['pipeline_id']!r}, decision_id={ctx['decision_id']!r})"
+    return tasks.validate_data.si(ctx).set(argsrepr=shown, kwargsrepr="{}", link_error=[tasks.pipeline_failed.s(ctx)],
+                                           **_options(ctx, "validate_data", ctx["queue"]))
+
+
+def rest_of_pipeline(ctx: dict[str, Any]):
+    """The steps after the first, as one chain (each takes the previous step's output), with the failure handler."""
+    from workers.pipeline import tasks
+
     canvas = chain(
-        tasks.validate_data.si(ctx).set(queue=queue, task_id=f"{pid}.validate_data", argsrepr=shown,
-                                        kwargsrepr="{}", **quiet),
-        tasks.train.s().set(queue=queue, task_id=f"{pid}.train", **quiet),
-        tasks.gate.s().set(queue=QUEUE_GATE, task_id=f"{pid}.gate", **quiet),
-        tasks.stage.s().set(queue=QUEUE_GATE, task_id=f"{pid}.stage", **quiet),
-        tasks.start_rollout.s().set(queue=QUEUE_ROLLOUT, task_id=f"{pid}.start_rollout", **quiet),
+        tasks.train.s().set(**_options(ctx, "train", ctx["queue"])),
+        tasks.gate.s().set(**_options(ctx, "gate", QUEUE_GATE)),
+        tasks.stage.s().set(**_options(ctx, "stage", QUEUE_GATE)),
+        tasks.start_rollout.s().set(**_options(ctx, "start_rollout", QUEUE_ROLLOUT)),
     )
     return canvas.on_error(tasks.pipeline_failed.s(ctx))
 
@@ -68,7 +82,7 @@ def warm_up() -> None:
 
     from workers.app import app
 
-    build_pipeline(pipeline_context({"model": "warm-up", "pipeline_id": "p-warm-up", "id": "d-warm-up"}))
+    first_step(pipeline_context({"model": "warm-up", "pipeline_id": "p-warm-up", "id": "d-warm-up"}))
     with app.producer_or_acquire() as producer:
         producer.connection.ensure_connection(max_retries=3)
         for queue in app.amqp.queues.values():
@@ -76,5 +90,10 @@ def warm_up() -> None:
 
 
 def start_pipeline(record: dict[str, Any]):
-    """Enqueue the pipeline for a decision record that took the model's single-flight slot."""
-    return build_pipeline(pipeline_context(record)).apply_async()
+    """Enqueue the pipeline for a decision record that took the model's single-flight slot (its first step)."""
+    return first_step(pipeline_context(record)).apply_async()
+
+
+def continue_pipeline(ctx: dict[str, Any], output: dict[str, Any]):
+    """Send the steps after the first, the first step's ``output`` as the next step's input (see the module docstring)."""
+    return rest_of_pipeline(ctx).apply_async((output,))

@@ -28,7 +28,7 @@ STEP_OPTIONS: dict[str, Any] = {
     "retry_jitter": True,
     "max_retries": 5,
     "bind": True,
-    "store_errors_even_if_ignored": True,  # results are ignored (see canvas.build_pipeline), failures kept
+    "store_errors_even_if_ignored": True,  # results are ignored (see canvas._options), failures kept
 }
 
 
@@ -45,7 +45,12 @@ def _run(task, step: str, ctx: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name="retrain.pipeline.validate_data", **STEP_OPTIONS)
 def validate_data(self, ctx: dict[str, Any]) -> dict[str, Any]:
-    return _run(self, "validate_data", ctx)
+    """The first step; it sends the rest of the pipeline (see ``workers.pipeline.canvas``)."""
+    from workers.pipeline.canvas import continue_pipeline
+
+    out = _run(self, "validate_data", ctx)
+    continue_pipeline(ctx, out)
+    return out
 
 
 @app.task(name="retrain.pipeline.train", **STEP_OPTIONS)
