@@ -508,6 +508,16 @@ def _model_state(client, keys, model):
 
 
 class TestBatchRecording:
+    def test_pending_entries_give_the_ids_and_the_debounce_window(self):
+        """Each pending entry is "<recorded at> <event id>": the ids in order, the window from the first to the last
+        time; an entry without a time (an older layout) is an id whose time is unknown."""
+        from workers.decision.state import parse_pending, pending_entry
+
+        entries = [pending_entry("100.500000", "e-1").encode(), pending_entry("103.000000", "e 2"), b"legacy-id"]
+        assert parse_pending(entries) == (["e-1", "e 2", "legacy-id"], 100.5, 103.0)
+        assert parse_pending([b"legacy-id"]) == (["legacy-id"], None, None)
+        assert parse_pending([]) == ([], None, None)
+
     def test_a_batch_leaves_the_same_state_as_its_events_one_by_one(self, redis_client, keys):
         """Folding a batch per model (latest signals, drift, pending ids, a promotion's clearing) equals recording each event alone."""
         from workers.decision.service import record_events
