@@ -110,12 +110,9 @@ for k = 3, #KEYS, 4 do
   models[#models + 1] = model
   if schedule == '1' then due_nx[#due_nx + 1] = now; due_nx[#due_nx + 1] = model
   elseif schedule == '2' then
+    -- Unless leased (being evaluated): then its evaluation sees the new pending entry and re-arms it.
     local score = tonumber(redis.call('ZSCORE', KEYS[1], model))
-    if score and score < -tonumber(now) then  -- leased (being evaluated): its evaluation re-arms it
-      due_nx[#due_nx + 1] = now; due_nx[#due_nx + 1] = model
-    else
-      due_now[#due_now + 1] = now; due_now[#due_now + 1] = model
-    end
+    if not (score and score < -tonumber(now)) then due_now[#due_now + 1] = now; due_now[#due_now + 1] = model end
   end
   local n = tonumber(ARGV[a + 2])
   local first = a + 3
