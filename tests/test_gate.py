@@ -532,6 +532,32 @@ class TestCli:
 
 
 class TestStabilityAfterConceptChange:
+    def test_moved_predictions_that_win_rows_by_dropping_the_minority_class_stay_blocked(self):
+        """The override tests the metric no_regression compares: a candidate that never predicts the minority
+        class wins twice as many rows as it loses (accuracy 0.90 vs 0.85, an exact test says better) but has the
+        lower weighted F1, so its moved predictions stay blocked; with accuracy as the metric they pass."""
+        rng = np.random.default_rng(0)
+        y = np.zeros(1000, dtype=int)
+        y[rng.permutation(1000)[:100]] = 1
+        positives, negatives = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+        production = np.zeros(1000, dtype=int)
+        production[rng.choice(positives, 50, replace=False)] = 1  # finds half the positives ...
+        production[rng.choice(negatives, 100, replace=False)] = 1  # ... with 100 false alarms
+        candidate = np.zeros(1000, dtype=int)  # never predicts the positive class
+        holdout = pd.DataFrame({"target": y, "cand": candidate, "prod": production})
+        report = run_gate(ColumnModel("cand"), ColumnModel("prod"), holdout, policy(min_accuracy=0.5, max_latency_p99_ms=250))
+        check = report.check("prediction_stability")
+        better = check.extra["candidate_significantly_better"]
+        assert not check.passed and "prediction_stability" in report.failed
+        assert better["metric"] == "f1_weighted" and better["test"] == "paired_bootstrap"
+        assert better["lower_bound"] < 0 and not better["significant"]
+        assert report.check("no_regression").passed  # the F1 drop (0.01) is within the tolerance: only this check holds it
+        by_accuracy = run_gate(ColumnModel("cand"), ColumnModel("prod"), holdout,
+                               policy(min_accuracy=0.5, max_latency_p99_ms=250, primary_metric="accuracy"))
+        check = by_accuracy.check("prediction_stability")
+        assert check.passed and check.extra["candidate_significantly_better"]["test"] == "mcnemar_exact"
+        assert "significantly better" in check.detail
+
     def test_unstable_but_significantly_better_candidate_passes_stability(self):
         """After a concept change, a candidate whose predictions moved but who is significantly better is not blocked."""
         from datetime import datetime, timedelta, timezone

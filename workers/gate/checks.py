@@ -456,11 +456,13 @@ def _resampled_delta(ctx: GateContext, name: str) -> Callable[[np.ndarray], np.n
     return lambda rows: reg(y[rows], pc[rows]) - reg(y[rows], pp[rows])
 
 
-def _paired_bootstrap(ctx: GateContext, name: str, alpha: float) -> dict[str, Any]:
+def _paired_bootstrap(ctx: GateContext, name: str, alpha: float, bound: str = "upper") -> dict[str, Any]:
     """One-sided percentile bootstrap of the metric's candidate − production difference.
 
     The holdout rows are resampled (seeded) and both models are scored on the same resampled
     rows, so the interval is for the paired difference of exactly the metric being compared.
+    ``bound``: ``"upper"`` (is the candidate worse? the upper bound is below 0) or ``"lower"``
+    (is it better? the lower bound is above 0).
     """
     delta = _resampled_delta(ctx, name)
 
@@ -469,10 +471,11 @@ def _paired_bootstrap(ctx: GateContext, name: str, alpha: float) -> dict[str, An
 
     res = st.bootstrap(
         (np.arange(len(ctx.y)),), statistic, vectorized=True, n_resamples=BOOTSTRAP_RESAMPLES,
-        batch=BOOTSTRAP_BATCH, confidence_level=1 - alpha, alternative="less", method="percentile",
-        rng=np.random.default_rng(BOOTSTRAP_SEED),
+        batch=BOOTSTRAP_BATCH, confidence_level=1 - alpha, alternative="less" if bound == "upper" else "greater",
+        method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED),
     )
-    return {"test": "paired_bootstrap", "upper_bound": float(res.confidence_interval.high),
+    value = res.confidence_interval.high if bound == "upper" else res.confidence_interval.low
+    return {"test": "paired_bootstrap", f"{bound}_bound": float(value),
             "confidence_level": 1 - alpha, "resamples": BOOTSTRAP_RESAMPLES}
 
 
@@ -525,31 +528,36 @@ def check_prediction_stability(ctx: GateContext, cfg: GateSection) -> CheckResul
     extra: dict[str, Any] = {"measure": kind}
     if not passed:
         # After a concept change the right model *must* predict differently. Instability is not
-        # blocking when the candidate is significantly better than production on the same rows.
-        better = _significantly_better(ctx, cfg.regression_alpha)
+        # blocking when the candidate is significantly better than production on the same rows,
+        # in the metric no_regression compares (a candidate that wins rows by dropping a minority
+        # class is not better).
+        better = _significantly_better(ctx, no_regression_metric_name(ctx.task, cfg), cfg.regression_alpha)
         extra["candidate_significantly_better"] = better
         if better["significant"]:
             passed = True
             detail += (f", but the candidate is significantly better on the same rows "
-                       f"(paired sign test p={better['p_value']:.2g}): predictions moved for the better")
+                       f"({better['evidence']}): predictions moved for the better")
     return CheckResult("prediction_stability", passed, value, threshold, detail, extra=extra)
 
 
-def _significantly_better(ctx: GateContext, alpha: float) -> dict[str, Any]:
-    """One-sided paired sign test: does the candidate beat production row by row?"""
+def _significantly_better(ctx: GateContext, name: str, alpha: float) -> dict[str, Any]:
+    """Is the candidate significantly better than production in metric ``name`` on the same rows?
+
+    For accuracy, a one-sided exact test of the rows only one model gets right (McNemar's
+    discordant pairs, as no_regression uses); for any other metric, the lower bound of the paired
+    bootstrap of its difference (as no_regression's upper bound).
+    """
     from scipy.stats import binomtest
 
-    if ctx.is_classifier:
+    if name == "accuracy":
         cand_ok, prod_ok = ctx.candidate_pred == ctx.y, ctx.production_pred == ctx.y
         wins, losses = int(np.sum(cand_ok & ~prod_ok)), int(np.sum(prod_ok & ~cand_ok))
-    else:
-        cand_err = np.abs(np.asarray(ctx.candidate_pred, dtype=float) - ctx.y)
-        prod_err = np.abs(np.asarray(ctx.production_pred, dtype=float) - ctx.y)
-        wins, losses = int(np.sum(cand_err < prod_err)), int(np.sum(prod_err < cand_err))
-    if wins + losses == 0:
-        return {"wins": wins, "losses": losses, "p_value": 1.0, "significant": False}
-    p = float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
-    return {"wins": wins, "losses": losses, "p_value": p, "significant": p < alpha}
+        p = float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue) if wins + losses else 1.0
+        return {"metric": name, "test": "mcnemar_exact", "wins": wins, "losses": losses, "p_value": p,
+                "significant": p < alpha, "evidence": f"accuracy, paired exact test p={p:.2g}"}
+    test = _paired_bootstrap(ctx, name, alpha, bound="lower")
+    return {"metric": name, **test, "significant": test["lower_bound"] > 0,
+            "evidence": f"{name}, paired bootstrap: {1 - alpha:.0%} lower bound of delta {test['lower_bound']:+.4f}"}
 
 
 def _slices(values: pd.Series) -> pd.Series:
