@@ -202,6 +202,36 @@ def _problem(status: int, error: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": error, **extra}, status_code=status)
 
 
+class CountResponses:
+    """ASGI middleware: counts every HTTP response by route and status code (``retrain_ingest_requests_total``).
+
+    In one place, so refusals that happen before any event is read (401 from the token check,
+    413 from the body limit, 415, a 400 from a bad query) are counted like the rest.
+    """
+
+    def __init__(self, app, routes: frozenset[str]):
+        self.app = app
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = [500]  # a handler that fails before answering is a 500 to the client
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            from workers.metrics import observe_ingest_request
+
+            path = scope.get("path", "")
+            observe_ingest_request(path if path in self.routes else "other", status[0])
+
+
 def create_app(
     bus=None,
     settings=None,
@@ -477,4 +507,5 @@ def create_app(
 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    app.add_middleware(CountResponses, routes=frozenset(r.path for r in app.routes if getattr(r, "path", None)))
     return app

@@ -597,6 +597,33 @@ class TestHealthAndOpenAPI:
         assert grew[key("rejected", "alertmanager")] == 1 and grew[key("accepted", "alertmanager")] == 1
         assert grew[key("rejected", "evidently")] == 1
 
+    def test_metrics_count_requests_by_route_and_status_refusals_before_reading_included(self, http):
+        """Every answer is counted by route and code: 202, and the refusals that read no event (401, 413, 415)."""
+        def counts():
+            out = {}
+            for line in http.get("/metrics").text.splitlines():
+                if line.startswith("retrain_ingest_requests_total{"):
+                    labels, value = line.rsplit(" ", 1)
+                    out[labels] = float(value)
+            return out
+
+        def key(route, code):
+            return f'retrain_ingest_requests_total{{code="{code}",route="{route}"}}'
+
+        before = counts()
+        assert http.post("/events", json=event_json(), headers=AUTH).status_code == 202
+        assert http.post("/events", json=event_json()).status_code == 401
+        too_big = b"x" * (Settings().max_event_bytes + 1)
+        assert http.post("/events", content=too_big, headers={**AUTH, "Content-Type": STRUCTURED_TYPE}).status_code == 413
+        assert http.post("/events", content=b"a,b", headers={**AUTH, "Content-Type": "text/csv"}).status_code == 415
+        assert http.post("/adapters/evidently", json={}, headers=AUTH).status_code == 400  # no ?model=
+        assert http.post("/nowhere", json={}).status_code == 404
+        after = counts()
+        grew = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        assert grew[key("/events", 202)] == grew[key("/events", 401)] == 1
+        assert grew[key("/events", 413)] == grew[key("/events", 415)] == 1
+        assert grew[key("/adapters/evidently", 400)] == 1 and grew[key("other", 404)] == 1
+
     def test_healthz_reports_redis(self, http, redis_server, keys):
         """/healthz is 200 with Redis up (no token needed) and 503 when Redis is unreachable."""
         r = http.get("/healthz")

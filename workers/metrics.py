@@ -28,6 +28,8 @@ are not defined here. Two kinds:
 ``retrain_alerts_total{severity}``                     alerts raised
 ``retrain_ingest_events_total{source,outcome}``        events offered to HTTP ingest / adapters / emit
                                                        (``accepted``/``rejected``)
+``retrain_ingest_requests_total{route,code}``          HTTP ingest requests by status code, refusals
+                                                       before any event was read (401, 413, 415) included
 =====================================================  ==================================================
 
 *State* gauges, refreshed from Redis by :func:`collect_from_redis` (the metrics server calls it
@@ -118,6 +120,8 @@ ROLLBACKS = Counter(f"{PREFIX}_rollbacks", "Rollbacks by kind (automatic|manual|
 ALERTS = Counter(f"{PREFIX}_alerts", "Alerts raised, by severity.", ["severity"])
 INGEST_EVENTS = Counter(f"{PREFIX}_ingest_events", "Events offered to ingest (HTTP, adapters, emit).",
                         ["source", "outcome"])
+INGEST_REQUESTS = Counter(f"{PREFIX}_ingest_requests", "HTTP ingest requests by route and status code "
+                          "(refusals before any event was read included: 401, 413, 415).", ["route", "code"])
 
 # --------------------------------------------------------------------------- state gauges
 STREAM_LENGTH = Gauge(f"{PREFIX}_stream_length", "Entries in an event stream shard.", ["shard"],
@@ -237,6 +241,11 @@ def observe_gate(data: Mapping[str, Any], *, passed: bool | None = None, count_f
             GATE_CHECKS.labels(check=str(name), result="fail").inc()
     if not verdict and count_failure:
         PIPELINE_FAILURES.labels(step="gate").inc()
+
+
+def observe_ingest_request(route: str, code: int) -> None:
+    """Count one HTTP ingest request by route (a known path, else ``other``) and status code."""
+    INGEST_REQUESTS.labels(route=route, code=str(code)).inc()
 
 
 def observe_ingest(source: str, accepted: int = 0, rejected: int = 0) -> None:
@@ -675,10 +684,11 @@ def start_metrics_server_from_env(environ: Mapping[str, str] | None = None) -> M
 
 __all__ = [
     "ALERTS", "DEAD_LETTERS", "DECISIONS", "EVENTS_INGESTED", "GATE_CHECKS", "GATE_OUTCOMES", "INGEST_EVENTS",
+    "INGEST_REQUESTS",
     "MODEL_VERSION", "PIPELINE_FAILURES", "PIPELINE_IN_FLIGHT", "PIPELINE_STEP_SECONDS", "QUEUE_LENGTH",
     "ROLLBACKS", "ROLLOUT_CANDIDATE_PERCENT", "ROLLOUT_PHASE", "ROLLOUT_STATE", "ROLLOUT_TRANSITIONS",
     "ROLLOUT_WAITING_SECONDS", "STREAM_LAG", "STREAM_LAG_SECONDS",
     "STREAM_LENGTH", "STREAM_PENDING", "MetricsServer", "RedisState", "collect_from_redis", "count_undelivered",
-    "metric_names", "observe_events", "observe_gate", "observe_ingest", "read_redis_state",
+    "metric_names", "observe_events", "observe_gate", "observe_ingest", "observe_ingest_request", "read_redis_state",
     "start_metrics_server", "start_metrics_server_from_env", "track_consumer",
 ]
