@@ -516,6 +516,8 @@ class TestBatchRecording:
         entries = [pending_entry("100.500000", "e-1").encode(), pending_entry("103.000000", "e 2"), b"legacy-id"]
         assert parse_pending(entries) == (["e-1", "e 2", "legacy-id"], 100.5, 103.0)
         assert parse_pending([b"legacy-id"]) == (["legacy-id"], None, None)
+        # bare ids that read as numbers are ids, not times (one would be 1970, another past year 9999)
+        assert parse_pending([b"1001", b"8e12", b"inf x", b"nan y"]) == (["1001", "8e12", "inf x", "nan y"], None, None)
         assert parse_pending([]) == ([], None, None)
 
     def test_a_batch_leaves_the_same_state_as_its_events_one_by_one(self, redis_client, keys):

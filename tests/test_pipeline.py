@@ -172,3 +172,30 @@ class TestCanvas:
         assert all(s.options["priority"] == 7 and s.options["ignore_result"] is True for s in steps)
         [errback] = canvas.options["link_error"]  # a chain's link_error goes to each of its steps when sent
         assert errback["task"] == "retrain.pipeline.failed" and errback["args"][0]["pipeline_id"] == "p-1"
+
+    @pytest.mark.slow
+    def test_a_first_step_sent_with_the_whole_chain_leaves_the_rest_to_celery(self, start_worker, redis_client, keys,
+                                                                              tmp_path):
+        """A validate_data message that carries the rest of the chain (how an earlier release sent pipelines)
+        does not send the rest a second time: only the chain's own train message goes out."""
+        from celery import chain
+
+        from workers.pipeline import tasks
+        from workers.pipeline.canvas import pipeline_context
+
+        env = setup_model(tmp_path)
+        start_worker("training", env=env)
+        ctx = pipeline_context({"model": "churn", "pipeline_id": "p-old", "id": "d-old", "urgency": "high",
+                                "queue": "training.high"})
+        parked = "rollout"  # no rollout worker runs here: the chain's train message waits there
+        chain(tasks.validate_data.si(ctx).set(queue="training.high", task_id="p-old.validate_data"),
+              tasks.train.s().set(queue=parked, task_id="p-old.train")).apply_async()
+        fields = lambda: {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.pipeline("churn", "p-old")).items()}  # noqa: E731
+        wait_for(lambda: fields().get("status") == "done:validate_data", timeout=60, message="validate_data to run")
+        def parked_messages():
+            return sum(redis_client.llen(k) for k in redis_client.keys(f"{parked}*") if redis_client.type(k) == b"list")
+
+        wait_for(lambda: parked_messages() == 1, timeout=10, message="the chain's own train message")
+        time.sleep(3)  # a second train message would go to training.high, where the worker runs it at once
+        assert "train_started" not in fields() and fields()["status"] == "done:validate_data"
+        assert parked_messages() == 1

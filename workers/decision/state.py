@@ -8,6 +8,7 @@ the outcome (decision record, pending-signal bookkeeping, single-flight slot) at
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -194,18 +195,30 @@ def pending_entry(recorded_at: str, event_id: str) -> str:
     return f"{recorded_at} {event_id}"
 
 
+MAX_RECORDED_AT = 1e11
+"""Pending times beyond this (year 5138) are not times: such an entry is read as an id (see :func:`parse_pending`)."""
+
+
 def parse_pending(entries: list[Any]) -> tuple[list[str], float | None, float | None]:
-    """Pending-list entries -> (event ids, first recorded at, last recorded at); see :func:`pending_entry`."""
+    """Pending-list entries -> (event ids, first recorded at, last recorded at); see :func:`pending_entry`.
+
+    An entry not written by :func:`pending_entry` (no ``"<time> "`` prefix: an older layout held
+    bare ids) is an id whose time is unknown.
+    """
     ids: list[str] = []
     times: list[float] = []
     for raw in entries:
         entry = _str(raw)
-        stamp, _, event_id = entry.partition(" ")
+        stamp, sep, event_id = entry.partition(" ")
         try:
-            times.append(float(stamp))
-        except ValueError:  # not written by pending_entry: the whole entry is the id, its time unknown
-            event_id = entry
-        ids.append(event_id if event_id else entry)
+            recorded_at = float(stamp) if sep and event_id else math.nan
+        except ValueError:
+            recorded_at = math.nan
+        if 0 <= recorded_at < MAX_RECORDED_AT:  # NaN (no time) fails this too
+            times.append(recorded_at)
+            ids.append(event_id)
+        else:
+            ids.append(entry)
     return ids, (min(times) if times else None), (max(times) if times else None)
 
 

@@ -13,13 +13,15 @@ from typing import Any
 
 import redis
 import structlog
+from kombu.exceptions import OperationalError
 
 from config.celery_config import PIPELINE_TASK_OPTIONS
 from workers.app import app
 
 log = structlog.get_logger(__name__)
 
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError)
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OperationalError)
+"""Retried with backoff. ``OperationalError``: the broker refused a publish (the first step sending the rest)."""
 STEP_OPTIONS: dict[str, Any] = {
     **PIPELINE_TASK_OPTIONS,
     "autoretry_for": TRANSIENT,
@@ -45,11 +47,13 @@ def _run(task, step: str, ctx: dict[str, Any]) -> dict[str, Any]:
 
 @app.task(name="retrain.pipeline.validate_data", **STEP_OPTIONS)
 def validate_data(self, ctx: dict[str, Any]) -> dict[str, Any]:
-    """The first step; it sends the rest of the pipeline (see ``workers.pipeline.canvas``)."""
+    """The first step; it sends the rest of the pipeline (see ``workers.pipeline.canvas``), unless its
+    message carries the rest itself (one sent as a whole chain, by an earlier release): then Celery does."""
     from workers.pipeline.canvas import continue_pipeline
 
     out = _run(self, "validate_data", ctx)
-    continue_pipeline(ctx, out)
+    if not self.request.chain:
+        continue_pipeline(ctx, out)
     return out
 
 
