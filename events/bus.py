@@ -871,6 +871,10 @@ class StreamConsumer:
 _gc_lock = threading.Lock()
 _gc_pausers = 0
 _gc_was_enabled = False
+_gc_paused_since = 0.0
+GC_MAX_PAUSE_S = 10.0
+"""Threads whose pauses overlap back to back would keep the collector off for good: a pauser leaving
+after it has been off this long runs a collection itself (what the collector would have done)."""
 
 
 @contextmanager
@@ -882,19 +886,26 @@ def gc_paused() -> Iterator[None]:
     walk every object the worker holds each time it reaches the oldest generation. The
     collector resumes (if it was on) when the last pauser leaves.
     """
-    global _gc_pausers, _gc_was_enabled
+    global _gc_pausers, _gc_was_enabled, _gc_paused_since
     with _gc_lock:
         if _gc_pausers == 0:
             _gc_was_enabled = gc.isenabled()
+            _gc_paused_since = time.monotonic()
             gc.disable()
         _gc_pausers += 1
     try:
         yield
     finally:
+        collect = False
         with _gc_lock:
             _gc_pausers -= 1
             if _gc_pausers == 0 and _gc_was_enabled:
                 gc.enable()
+            elif _gc_was_enabled and time.monotonic() - _gc_paused_since > GC_MAX_PAUSE_S:
+                _gc_paused_since = time.monotonic()
+                collect = True
+        if collect:
+            gc.collect()
 
 
 def raw_client(client: redis.Redis) -> redis.Redis:

@@ -622,3 +622,39 @@ class TestCrashes:
             assert [e.id for e in got] == [e.id for e in events]
         finally:
             server.stop()
+
+
+class TestGcPaused:
+    def test_overlapping_pauses_do_not_keep_the_collector_off_for_good(self, monkeypatch):
+        """Pauses that overlap back to back (the relay's evaluator threads under load: the next round starts
+        before the last one ends), so the pausers never drop to zero: a reference cycle is still collected, by
+        a pauser leaving after the collector has been off GC_MAX_PAUSE_S."""
+        import gc
+        import weakref
+
+        from events import bus
+
+        monkeypatch.setattr(bus, "GC_MAX_PAUSE_S", 0.2)
+        assert gc.isenabled()
+        collected = []
+
+        class Node:
+            pass
+
+        held = bus.gc_paused()
+        held.__enter__()
+        a, b = Node(), Node()
+        a.other, b.other = b, a
+        weakref.finalize(a, collected.append, True)
+        del a, b
+        deadline = time.monotonic() + 5
+        while not collected and time.monotonic() < deadline:
+            nxt = bus.gc_paused()
+            nxt.__enter__()  # the next pause begins before the current one ends: never zero pausers
+            held.__exit__(None, None, None)
+            held = nxt
+            assert not gc.isenabled()
+            time.sleep(0.05)
+        held.__exit__(None, None, None)
+        assert collected, "the cycle was never collected while pauses overlapped"
+        assert gc.isenabled()
