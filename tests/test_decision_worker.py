@@ -348,9 +348,9 @@ class TestEnqueueOutbox:
         svc.bus.publish(drift(score=0.2))
         svc.consumer.poll(block_ms=10)
         now = time.time()
-        states = svc.store.claim_and_load(["churn"], lease_score(now + 30), now)
+        lease, states = svc.store.claim_and_load(["churn"], 30, now)
         redis_client.hset(keys.guard("churn"), "in_flight", "p-other-worker")
-        svc._evaluate(states, now)
+        svc._evaluate(states, now, lease=lease)
         [rec] = records(svc)
         assert rec["action"] == "suppress" and "another decision worker" in rec["reason"] and rec["pipeline_id"] is None
         assert redis_client.hget(keys.guard("churn"), "in_flight") == b"p-other-worker"
@@ -594,23 +594,28 @@ class TestBatchRecording:
         assert json.loads(letter["payload"])["id"] == events[1].id
 
 
+def server_time(client) -> float:
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
 class TestClaiming:
     def test_claim_skips_models_leased_elsewhere_or_no_longer_due(self, make_service, redis_client):
-        """A worker only loads due models, leasing them; one leased by another worker keeps its lease, and
-        an expired lease (its evaluator died) is taken over."""
+        """A worker only loads due models, leasing them (minus the expiry, on the Redis server's clock); one
+        leased by another worker keeps its lease, and an expired lease (its evaluator died) is taken over."""
         svc = make_service()
         for m in ("due", "leased", "done", "abandoned"):
             svc.bus.publish(drift(model=m, score=0.05))
         svc.consumer.poll(block_ms=10)
         now = time.time()
-        theirs = lease_score(now + 20)
-        redis_client.zadd(svc.keys.due(), {"leased": theirs, "abandoned": lease_score(now - 1)})
+        theirs = lease_score(server_time(redis_client) + 20)
+        redis_client.zadd(svc.keys.due(), {"leased": theirs, "abandoned": lease_score(server_time(redis_client) - 1)})
         redis_client.zrem(svc.keys.due(), "done")  # evaluated by another worker meanwhile
-        mine = lease_score(now + 30)
-        states = svc.store.claim_and_load(["due", "leased", "done", "abandoned"], mine, now)
+        mine, states = svc.store.claim_and_load(["due", "leased", "done", "abandoned"], 30, now)
         assert set(states) == {"due", "abandoned"}
+        assert -float(mine) == pytest.approx(server_time(redis_client) + 30, abs=2)
         assert redis_client.zscore(svc.keys.due(), "leased") == theirs
-        assert redis_client.zscore(svc.keys.due(), "due") == redis_client.zscore(svc.keys.due(), "abandoned") == mine
+        assert redis_client.zscore(svc.keys.due(), "due") == redis_client.zscore(svc.keys.due(), "abandoned") == float(mine)
         assert redis_client.zscore(svc.keys.due(), "done") is None
         # A leased model is out of every worker's due range until its lease expires.
         assert svc.evaluate_due(now + 1) == 0
@@ -618,24 +623,81 @@ class TestClaiming:
         assert redis_client.zscore(svc.keys.due(), "due") == pytest.approx(now)
         assert redis_client.zscore(svc.keys.due(), "leased") == theirs
 
-    def test_a_manual_request_does_not_break_a_lease_and_the_evaluation_re_arms_it(self, make_service, redis_client):
-        """A manual request recorded while its model is being evaluated leaves the lease alone; the
-        evaluation finishing sees the newer pending signal and makes the model due again now."""
-        svc = make_service()
-        svc.bus.publish(drift(model="m", score=0.05))
+    def test_a_manual_request_during_a_debounced_evaluation_is_decided_now(self, make_service, redis_client):
+        """A manual request recorded while its model is being evaluated leaves the lease alone; the evaluation,
+        which defers (a 10-minute quiet period), ends seeing the newer entry and makes the model due now,
+        and the next round starts the pipeline (a critical request does not wait for the quiet period)."""
+        svc = make_service(quiet="10m", max_wait="1h")
+        svc.bus.publish(drift(score=0.05))
         svc.consumer.poll(block_ms=10)
         now = time.time()
-        lease = lease_score(now + 30)
-        states = svc.store.claim_and_load(["m"], lease, now)
-        manual = new_event("retrain.requested", "m", {"reason": "hotfix"})
+        lease, states = svc.store.claim_and_load(["churn"], 30, now)
+        manual = new_event("retrain.requested", "churn", {"reason": "hotfix"})
         svc.bus.publish(manual)
         svc.consumer.poll(block_ms=10)
-        assert redis_client.zscore(svc.keys.due(), "m") == lease
-        svc._evaluate(states, now)
-        assert 0 < redis_client.zscore(svc.keys.due(), "m") <= time.time()
-        pending = redis_client.lrange(svc.keys.pending_events("m"), 0, -1)
-        assert [e.split(b" ", 1)[1].decode() for e in pending] == [manual.id]
+        assert redis_client.zscore(svc.keys.due(), "churn") == float(lease)  # the request left the lease alone
+        svc._evaluate(states, now, lease=lease)
+        assert 0 < redis_client.zscore(svc.keys.due(), "churn") <= time.time()  # not the debounce's time
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and rec["urgency"] == "critical" and manual.id in rec["event_ids"]
 
+    def test_entries_recorded_during_an_evaluation_stay_pending_and_due(self, make_service, redis_client):
+        """The evaluation consumes the pending list up to the newest entry it read, by value: one recorded
+        meanwhile stays, and the model is due again now."""
+        svc = make_service()
+        first = drift(score=0.05)
+        svc.bus.publish(first)
+        svc.consumer.poll(block_ms=10)
+        now = time.time()
+        lease, states = svc.store.claim_and_load(["churn"], 30, now)
+        later = drift(score=0.06)
+        svc.bus.publish(later)
+        svc.consumer.poll(block_ms=10)
+        svc._evaluate(states, now, lease=lease)
+        pending = redis_client.lrange(svc.keys.pending_events("churn"), 0, -1)
+        assert [e.split(b" ", 1)[1].decode() for e in pending] == [later.id]
+        assert 0 < redis_client.zscore(svc.keys.due(), "churn") <= time.time()
+
+    def test_a_pipeline_released_during_an_evaluation_neither_breaks_the_lease_nor_strands_the_follow_up(
+            self, make_service, redis_client, keys):
+        """A follow-up release while the model is leased leaves the lease alone (no second worker evaluates it
+        at once); the evaluation, which saw the pipeline in flight and would wait for it, finds the slot free
+        and makes the model due now, and the next round starts the follow-up pipeline."""
+        svc = make_service()
+        other = make_service(name="worker-2")
+        redis_client.hset(keys.guard("churn"), mapping={"in_flight": "p-1", "in_flight_since": time.time(),
+                                                        "follow_up": "1"})
+        svc.bus.publish(drift(score=0.5))
+        svc.consumer.poll(block_ms=10)
+        now = time.time()
+        lease, states = svc.store.claim_and_load(["churn"], 30, now)
+        assert states["churn"].guard["in_flight"] == "p-1"
+        assert svc.store.release("churn", "p-1") == 2
+        assert redis_client.zscore(keys.due(), "churn") == float(lease)  # the lease holds
+        assert other.store.claim_and_load(["churn"], 30, time.time())[1] == {}  # no second evaluation at once
+        svc._evaluate(states, now, lease=lease)
+        assert not redis_client.hexists(keys.guard("churn"), "follow_up")
+        assert 0 < redis_client.zscore(keys.due(), "churn") <= time.time()
+        step(svc)
+        assert [r["action"] for r in records(svc)] == ["start"]
+
+    def test_an_evaluation_whose_lease_was_taken_over_leaves_the_due_set_to_the_new_holder(
+            self, make_service, redis_client, keys):
+        """A slow evaluation whose lease expired and was taken over by another worker ends without touching the
+        new holder's lease; it still drops the entries it consumed."""
+        svc = make_service()
+        other = make_service(name="worker-2")
+        svc.bus.publish(drift(score=0.05))
+        svc.consumer.poll(block_ms=10)
+        now = time.time()
+        lease, states = svc.store.claim_and_load(["churn"], 30, now)
+        redis_client.zadd(keys.due(), {"churn": lease_score(server_time(redis_client) - 1)})  # as if expired
+        theirs, taken = other.store.claim_and_load(["churn"], 30, time.time())
+        assert set(taken) == {"churn"}
+        svc._evaluate(states, now, lease=lease)
+        assert redis_client.zscore(keys.due(), "churn") == float(theirs)
+        assert redis_client.llen(keys.pending_events("churn")) == 0
 
 class TestExplain:
     def test_explain_prints_the_record_as_json_and_exit_2_for_unknown(self, make_service, redis_server, tmp_path):

@@ -40,7 +40,7 @@ from events.types import SIGNAL_TYPES
 from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
 from workers.decision.policy import apply_guards, evaluate
 from workers.decision.relay import RelayProcess, celery_enqueue, enqueue_recorded, run_rounds, warm_up_celery
-from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, lease_score, model_keys, pending_entry
+from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys, pending_entry
 from workers.metrics import observe_events
 from workers.policies import PolicyStore
 
@@ -52,7 +52,8 @@ MAX_DUE_PER_ROUND = 500
 ROUND_INTERVAL_S = 1.0
 """Longest the evaluator waits for the consumer's cue (debounce timers and the safety nets need rounds too)."""
 LEASE_S = 30.0
-"""How long a worker's claim on a model it evaluates lasts (longer than any round; it expires if the worker dies)."""
+"""How long a worker's claim on a model it evaluates lasts (longer than any round; it expires if the worker dies).
+Measured on the Redis server's clock."""
 OUTBOX_REPLAY_S = 10.0
 """How often a service looks for decided pipelines that never reached Celery."""
 OUTBOX_GRACE_S = 30.0
@@ -110,9 +111,15 @@ for k = 3, #KEYS, 4 do
   models[#models + 1] = model
   if schedule == '1' then due_nx[#due_nx + 1] = now; due_nx[#due_nx + 1] = model
   elseif schedule == '2' then
-    -- Unless leased (being evaluated): then its evaluation sees the new pending entry and re-arms it.
+    -- Unless under a live lease (being evaluated; expiries are on this server's clock): that
+    -- evaluation ends seeing the new pending entry and makes the model due now (END_EVALUATIONS).
     local score = tonumber(redis.call('ZSCORE', KEYS[1], model))
-    if not (score and score < -tonumber(now)) then due_now[#due_now + 1] = now; due_now[#due_now + 1] = model end
+    local leased = false
+    if score and score < 0 then
+      local t = redis.call('TIME')
+      leased = -score > tonumber(t[1]) + tonumber(t[2]) / 1000000
+    end
+    if not leased then due_now[#due_now + 1] = now; due_now[#due_now + 1] = model end
   end
   local n = tonumber(ARGV[a + 2])
   local first = a + 3
@@ -367,17 +374,14 @@ class DecisionService:
             return self._evaluate_models(due, now) if due else 0
 
     def _evaluate_models(self, due: list[str], now: float) -> int:
-        lease = lease_score(now + LEASE_S)
         policies = self._policies(due)  # looked up once: the state read depends on them (drift window)
-        try:
-            states = self.store.claim_and_load(due, lease, now, _drift_entries(policies))
-        except BaseException:
-            self.store.release_leases(due, lease)  # whichever of them the call leased
-            raise
+        # A failed call leased nothing (a script is all or nothing) or lost its reply: then the
+        # leases expire after LEASE_S and another round takes the models over.
+        lease, states = self.store.claim_and_load(due, LEASE_S, now, _drift_entries(policies))
         if not states:
             return 0
         try:
-            return self._evaluate(states, now, policies)
+            return self._evaluate(states, now, policies, lease)
         except BaseException:
             self.store.release_leases(list(states), lease)  # those whose transaction did not run
             raise
@@ -393,12 +397,13 @@ class DecisionService:
         return out
 
     # --- one round of evaluations --------------------------------------------------------
-    def _evaluate(self, states: dict[str, StoredState], now: float, policies: dict[str, Any] | None = None) -> int:
-        """Evaluate loaded models and commit the outcomes in one transaction.
+    def _evaluate(self, states: dict[str, StoredState], now: float, policies: dict[str, Any] | None = None,
+                  lease: str = "") -> int:
+        """Evaluate loaded models (leased with ``lease``) and commit the outcomes in one transaction.
 
-        Every outcome writes the model's score in the due set (finished: due again now if newer
-        signals wait, else gone; deferred: its later time, or gone for a follow-up; failed: the
-        retry time), which also ends the lease its evaluation held.
+        Every outcome ends the model's lease with its score in the due set (finished: due again
+        now if newer signals wait, else gone; deferred: its later time, or gone for a follow-up;
+        failed: the retry time; see END_EVALUATIONS), unless another worker took the lease over.
         """
         when = datetime.fromtimestamp(now, timezone.utc)
         if policies is None:
@@ -407,18 +412,19 @@ class DecisionService:
         events: list[CloudEvent] = []
         alerts: list[CloudEvent] = []
         slots: list[tuple[dict[str, Any], int]] = []  # start records and their take-slot command's index
-        finished: list[StoredState] = []
+        outcomes: list[tuple[StoredState, str, float | None]] = []  # how each evaluation ends (end_evaluations)
         made = 0
         for model, state in states.items():
             policy = policies[model]
             if isinstance(policy, Exception):  # an unreadable policy file stops this model only
-                self._evaluation_failed(pipe, state, policy, now, alerts, alerted=state.failing)
+                self._evaluation_failed(pipe, state, policy, alerts, alerted=state.failing)
+                outcomes.append((state, "retry", now + EVALUATION_RETRY_S))
                 continue
             if policy is None:
                 record = self._record(model, state, now, action="suppress",
                                       reason=f"no policy for model {model!r} in {self.settings.policy_dir}")
                 self.store.write_record(pipe, record)
-                finished.append(state)
+                outcomes.append((state, "finish", None))
                 events.append(self._event("retrain.suppressed", record))
                 made += 1
                 continue
@@ -429,7 +435,8 @@ class DecisionService:
                 decision = evaluate(policy, state.model_signals(when), when)
                 guarded = apply_guards(decision, state.guard_state(), policy, when)
             except Exception as exc:  # noqa: BLE001 - one model's bad state or a bug must not stop the others
-                self._evaluation_failed(pipe, state, exc, now, alerts, alerted=state.failing)
+                self._evaluation_failed(pipe, state, exc, alerts, alerted=state.failing)
+                outcomes.append((state, "retry", now + EVALUATION_RETRY_S))
                 continue
             if stale:
                 pipe.hdel(self.keys.guard(model), "in_flight", "in_flight_since")
@@ -437,12 +444,11 @@ class DecisionService:
                 pipe.hdel(self.keys.evaluation_errors(), model)
             if guarded.action == "defer":
                 if guarded.follow_up:
-                    pipe.hset(self.keys.guard(model), "follow_up", "1")
-                    pipe.zrem(self.keys.due(), model)
+                    outcomes.append((state, "follow_up", None))
                 else:
-                    pipe.zadd(self.keys.due(), {model: guarded.until.timestamp()})
+                    outcomes.append((state, "defer", guarded.until.timestamp()))
                 continue
-            finished.append(state)
+            outcomes.append((state, "finish", None))
             for a in decision.alerts:
                 ev = alert_event(model, a.severity, a.name.replace("_", " "), a.message, trigger=a.trigger)
                 record_alert(pipe, self.keys, ev)
@@ -458,9 +464,9 @@ class DecisionService:
                 slots.append((record, self.store.take_slot(pipe, record, now)))
             else:
                 events.append(self._event("retrain.suppressed", record))
-        # The bookkeeping of every evaluated model in one call; its keys are disjoint from the
-        # commands above (slot, records, alerts), so its place in the transaction is free.
-        self.store.finish_many(pipe, finished, now)
+        # How every evaluation ends, in one call, last: it reads the guard's in-flight slot (a
+        # follow-up waits only for the pipeline it saw), which the commands above may have changed.
+        self.store.end_evaluations(pipe, outcomes, lease, now)
         results = pipe.execute()
         to_start: list[dict[str, Any]] = []
         for record, index in slots:
@@ -509,15 +515,15 @@ class DecisionService:
             return True
         return False
 
-    def _evaluation_failed(self, pipe, state: StoredState, exc: Exception, now: float,
+    def _evaluation_failed(self, pipe, state: StoredState, exc: Exception,
                            alerts: list[CloudEvent], *, alerted: bool) -> None:
-        """Leave the model's signals pending, retry it later, and alert once until an evaluation succeeds.
+        """Log and note the failure and alert once until an evaluation succeeds (the caller retries the
+        model later, its signals left pending).
 
         Written outside the model's own keys (one of which may be the corrupted one).
         """
         model, error = state.model, f"{type(exc).__name__}: {exc}"
         log.error("decision.evaluation_failed", model=model, error=error, retry_in_s=EVALUATION_RETRY_S)
-        pipe.zadd(self.keys.due(), {model: now + EVALUATION_RETRY_S})
         pipe.hset(self.keys.evaluation_errors(), model, error[:500])
         if not alerted:
             ev = alert_event(model, "warning", "decision evaluation failed",

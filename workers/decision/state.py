@@ -28,47 +28,85 @@ ONE_SHOT_SIGNALS = ("schedule.tick", "retrain.requested")
 STATE_SIGNALS = ("drift.data", "drift.concept", "performance.measured", "volume.accumulated")
 """Signals about the production model; cleared when a new model is promoted."""
 
-# After evaluating many models: per model, drop the consumed pending entries; a model with newer
-# ones (recorded meanwhile) is due again now, else it leaves the due set (which also ends the
-# evaluation's lease there); delete the one-shot signals only if they are still the ones seen.
-FINISH_MANY = """
--- KEYS: due, then (pending_events, signals) per model
--- ARGV: now, then per model: model, n_consumed, n_one_shot, (field, value) * n_one_shot
-local now = ARGV[1]
-local a = 2
-for k = 2, #KEYS, 2 do
-  local model, n, shots = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
-  if n > 0 then redis.call('LTRIM', KEYS[k], n, -1) end
-  if redis.call('LLEN', KEYS[k]) > 0 then
-    redis.call('ZADD', KEYS[1], now, model)
-  else
-    redis.call('ZREM', KEYS[1], model)
-  end
-  for i = a, a + 2 * shots - 1, 2 do
-    if redis.call('HGET', KEYS[k + 1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[k + 1], ARGV[i]) end
+# Ends a round's evaluations (one call for the round). Per model, by outcome:
+#   finish     drop the consumed pending entries (up to the last one the evaluation read: by value,
+#              so entries recorded meanwhile stay) and the one-shot signals it saw;
+#   defer      a later due time (the debounce);   follow_up  wait for the in-flight pipeline;
+#   retry      the evaluation failed: try again later.
+# Then, only while the model still holds this round's lease (another worker may have taken an
+# expired one over), its due score: a finished model with entries left is due now, else gone;
+# a deferred or failed one whose pending list grew meanwhile (a manual request, say) is due now,
+# else at its time; a follow-up waits (flag set, out of the due set) only if the pipeline it saw
+# still holds the slot, else it is due now.
+END_EVALUATIONS = """
+-- KEYS: due, then (pending_events, signals, guard) per model
+-- ARGV: lease, now, then per model: model, outcome, last pending entry read ('' none), due time
+--   (defer, retry), in-flight pipeline seen (follow_up), n_one_shot, (field, value) * n_one_shot
+local lease, now = tonumber(ARGV[1]), ARGV[2]
+local function grew(key, last)
+  local newest = redis.pcall('LINDEX', key, -1)  -- pcall: a failed model's key may be the corrupted one
+  return type(newest) == 'string' and newest ~= last
+end
+local a = 3
+for k = 2, #KEYS, 3 do
+  local model, outcome, last, at, seen = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local shots = tonumber(ARGV[a + 5])
+  a = a + 6
+  if outcome == 'finish' then
+    if last ~= '' then
+      local i = redis.call('LPOS', KEYS[k], last)
+      if i then redis.call('LTRIM', KEYS[k], i + 1, -1) end
+    end
+    for i = a, a + 2 * shots - 1, 2 do
+      if redis.call('HGET', KEYS[k + 1], ARGV[i]) == ARGV[i + 1] then redis.call('HDEL', KEYS[k + 1], ARGV[i]) end
+    end
   end
   a = a + 2 * shots
+  if tonumber(redis.call('ZSCORE', KEYS[1], model)) == lease then
+    if outcome == 'finish' then
+      if redis.call('LLEN', KEYS[k]) > 0 then redis.call('ZADD', KEYS[1], now, model)
+      else redis.call('ZREM', KEYS[1], model) end
+    elseif grew(KEYS[k], last) then
+      redis.call('ZADD', KEYS[1], now, model)
+    elseif outcome == 'follow_up' then
+      if redis.call('HGET', KEYS[k + 2], 'in_flight') == seen then
+        redis.call('HSET', KEYS[k + 2], 'follow_up', '1')
+        redis.call('ZREM', KEYS[1], model)
+      else
+        redis.call('ZADD', KEYS[1], now, model)
+      end
+    else
+      redis.call('ZADD', KEYS[1], at, model)
+    end
+  end
 end
-return (#KEYS - 1) / 2
+return (#KEYS - 1) / 3
 """
 
-# Read everything one evaluation needs, for many models in one round trip. With a lease, first
-# claim each model: only one that is due (0 <= score <= now) or whose previous lease expired is
-# claimed, by setting its score in the due set to the lease, -(expiry): a leased model is out of
-# every worker's due range [-now, now] until its evaluation rewrites its score (due again, later,
-# or gone) or the lease expires (its evaluator died).
+# Read everything one evaluation needs, for many models in one round trip. With a lease time,
+# first claim each model: only one that is due (0 <= score <= now) or whose previous lease
+# expired is claimed, by setting its score in the due set to the lease, -(expiry): a leased model
+# is out of every worker's due range [-now, now] until its evaluation rewrites its score (due
+# again, later, or gone: END_EVALUATIONS) or the lease expires (its evaluator died). Lease
+# expiries are on the Redis server's clock, so workers whose clocks differ cannot take a live one.
 LOAD_STATES = """
 -- KEYS: due, evaluation errors, then per model (signals, drift_history, guard, trainings, pending_events,
 --   aliases, versions)
--- ARGV: lease ('' = no claim, no due check), trainings since (score), drift entries to read, now,
---   then the model names (in KEYS order)
+-- ARGV: lease seconds ('' = no claim, no due check), trainings since (score), drift entries to read,
+--   now, then the model names (in KEYS order)
+-- Returns {lease, states}: the lease score taken ('' without a claim), then per model
 -- Each model reads as {signals, drift, guard, trainings, pending, production, failing} where failing is 1
 -- when its last evaluation failed; a model with a key of the wrong type reads as {'error', message,
--- failing}: the others still load. A model not claimed reads as false.
+-- failing, newest pending entry}: the others still load. A model not claimed reads as false.
 -- (Reads go through pcall, so the check costs nothing when the keys are sound.)
 local out = {}
-local lease, since, ndrift, now = ARGV[1], ARGV[2], tonumber(ARGV[3]) - 1, tonumber(ARGV[4])
+local ttl, since, ndrift, now = ARGV[1], ARGV[2], tonumber(ARGV[3]) - 1, tonumber(ARGV[4])
+local lease, server_now = '', 0
+if ttl ~= '' then
+  local t = redis.call('TIME')
+  server_now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  lease = string.format('%.6f', -(server_now + tonumber(ttl)))
+end
 local err
 local any_failing = redis.call('HLEN', KEYS[2]) > 0  -- usually none: then no per-model lookup
 local function read(cmd, key, ...)
@@ -86,7 +124,7 @@ for k = 3, #KEYS, 7 do
   local claimed = true
   if lease ~= '' then
     local score = tonumber(redis.call('ZSCORE', KEYS[1], model))
-    if score and score <= now and score >= -now then
+    if score and ((score >= 0 and score <= now) or (score < 0 and -score <= server_now)) then
       redis.call('ZADD', KEYS[1], lease, model)
     else
       claimed = false
@@ -114,10 +152,15 @@ for k = 3, #KEYS, 7 do
       prod,
       failing,
     }
-    if err then out[#out + 1] = {'error', err, failing} else out[#out + 1] = state end
+    if err then
+      local newest = redis.pcall('LINDEX', KEYS[k + 4], -1)  -- what END_EVALUATIONS compares with
+      out[#out + 1] = {'error', err, failing, type(newest) == 'string' and newest or ''}
+    else
+      out[#out + 1] = state
+    end
   end
 end
-return out
+return {lease, out}
 """
 
 RELEASE_LEASES = """
@@ -171,11 +214,17 @@ return record
 
 RELEASE_PIPELINE = """
 -- KEYS: guard, due ; ARGV: pipeline_id, model, now
+-- A follow-up makes the model due now, unless an evaluation holds a live lease on it: that
+-- evaluation ends seeing the slot free (END_EVALUATIONS), and its lease must not be broken.
 if redis.call('HGET', KEYS[1], 'in_flight') ~= ARGV[1] then return 0 end
 redis.call('HDEL', KEYS[1], 'in_flight', 'in_flight_since')
 if redis.call('HGET', KEYS[1], 'follow_up') then
   redis.call('HDEL', KEYS[1], 'follow_up')
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  local score = tonumber(redis.call('ZSCORE', KEYS[2], ARGV[2]))
+  local t = redis.call('TIME')
+  if not (score and score < 0 and -score > tonumber(t[1]) + tonumber(t[2]) / 1000000) then
+    redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  end
   return 2
 end
 return 1
@@ -300,6 +349,8 @@ class StoredState:
     """When the first of them was recorded (Unix seconds) ..."""
     pending_until: float | None = None
     """... and the last: the debounce window (see :func:`pending_entry`)."""
+    last_pending_entry: str = ""
+    """The newest pending entry as stored: the evaluation consumes the list up to it (END_EVALUATIONS)."""
     production: dict[str, Any] | None = None
     raw_signals: dict[str, bytes] = field(default_factory=dict)
     error: str | None = None
@@ -389,45 +440,46 @@ class DecisionStore:
         ``drift_entries``: how many of the newest drift scores to read (persistence looks at the
         last ``n`` only).
         """
-        return self._load_states(models, "", now or time.time(), drift_entries)
+        return self._load_states(models, "", now or time.time(), drift_entries)[1]
 
-    def claim_and_load(self, models: list[str], lease: float, now: float | None = None,
-                       drift_entries: int = DRIFT_HISTORY_READ) -> dict[str, StoredState]:
-        """Lease each model that is due at ``now`` and read the state of those leased.
+    def claim_and_load(self, models: list[str], lease_s: float, now: float | None = None,
+                       drift_entries: int = DRIFT_HISTORY_READ) -> tuple[str, dict[str, StoredState]]:
+        """Lease each model that is due at ``now`` for ``lease_s`` seconds and read the state of those leased.
 
-        One round trip. ``lease`` is :func:`lease_score` of the lease's expiry: it replaces the
-        model's score in the due set, which takes the model out of every worker's due range until
-        its evaluation writes the score it leaves with (:meth:`finish_many`, a deferral, a retry
-        time), or :meth:`release_leases` puts it back. Models not due (another worker evaluated or
-        leased one meanwhile, a debounce moved it later) are left out of the result.
+        One round trip. Returns (the lease, the states). The lease, minus its expiry on the Redis
+        server's clock, replaces the model's score in the due set, which takes the model out of
+        every worker's due range until its evaluation ends (:meth:`end_evaluations`) or
+        :meth:`release_leases` puts it back. Models not due (another worker evaluated or leased
+        one meanwhile, a debounce moved it later) are left out of the result.
         ``drift_entries`` as in :meth:`load`.
         """
-        return self._load_states(models, repr(lease), now or time.time(), drift_entries)
+        return self._load_states(models, repr(float(lease_s)), now or time.time(), drift_entries)
 
-    def release_leases(self, models: list[str], lease: float, now: float | None = None) -> int:
+    def release_leases(self, models: list[str], lease: str, now: float | None = None) -> int:
         """Make the ``models`` that still hold ``lease`` due again now (their evaluation did not finish)."""
-        if not models:
+        if not models or not lease:
             return 0
-        return int(self.redis.eval(RELEASE_LEASES, 1, self.keys.due(), repr(lease),
-                                   repr(now or time.time()), *models))
+        return int(self.redis.eval(RELEASE_LEASES, 1, self.keys.due(), lease, repr(now or time.time()), *models))
 
-    def _load_states(self, models: list[str], lease: str, now: float, drift_entries: int) -> dict[str, StoredState]:
+    def _load_states(self, models: list[str], lease_s: str, now: float,
+                     drift_entries: int) -> tuple[str, dict[str, StoredState]]:
         if not models:
-            return {}
+            return "", {}
         script_keys: list[str] = [self.keys.due(), self.keys.evaluation_errors()]
         for m in models:
             mk = model_keys(self.keys, m)
             script_keys += (mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
                             mk.aliases, mk.versions)
-        replies = self._load(keys=script_keys, args=[lease, repr(now - TRAININGS_LOOKBACK_S),
-                                                     max(1, drift_entries), repr(now), *models])
+        lease, replies = self._load(keys=script_keys, args=[lease_s, repr(now - TRAININGS_LOOKBACK_S),
+                                                            max(1, drift_entries), repr(now), *models])
         out: dict[str, StoredState] = {}
         signal = self._signal
         for m, reply in zip(models, replies):
             if not reply:
                 continue
-            if len(reply) == 3:  # {'error', message, failing}: a key of the wrong type
-                out[m] = StoredState(model=m, error=f"unreadable state: {_str(reply[1])}", failing=bool(reply[2]))
+            if len(reply) == 4:  # {'error', message, failing, newest pending entry}: a key of the wrong type
+                out[m] = StoredState(model=m, error=f"unreadable state: {_str(reply[1])}", failing=bool(reply[2]),
+                                     last_pending_entry=_str(reply[3]))
                 continue
             sig, drift, guard, trainings, pending, production, failing = reply
             try:
@@ -442,6 +494,7 @@ class DecisionStore:
                     pending_ids=pending_ids,
                     pending_since=pending_since,
                     pending_until=pending_until,
+                    last_pending_entry=_str(pending[-1]) if pending else "",
                     production=json.loads(production) if production else None,
                     raw_signals=raw_signals,
                     failing=bool(failing),
@@ -449,8 +502,8 @@ class DecisionStore:
             except (ValueError, TypeError, KeyError) as exc:  # bad JSON, a non-number where one belongs
                 out[m] = StoredState(model=m, error=f"unreadable state: {type(exc).__name__}: {exc}",
                                      guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
-                                     failing=bool(failing))
-        return out
+                                     failing=bool(failing), last_pending_entry=_str(pending[-1]) if pending else "")
+        return _str(lease), out
 
     def _signal(self, model: str, etype: str, raw: bytes) -> dict[str, Any]:
         """The stored signal event as a dict, parsed once per stored value.
@@ -468,23 +521,28 @@ class DecisionStore:
         self._parsed[key] = (raw, parsed)
         return parsed
 
-    def finish_many(self, pipe, states: list[StoredState], now: float) -> None:
-        """Queue the post-evaluation bookkeeping of many models (consumed pending entries, one-shot
-        signals, the due set) as one script call."""
-        if not states:
+    def end_evaluations(self, pipe, outcomes: list[tuple[StoredState, str, float | None]], lease: str,
+                        now: float) -> None:
+        """Queue the end of a round's evaluations as one script call (see END_EVALUATIONS).
+
+        ``outcomes``: (state, outcome, due time) with outcome ``finish``, ``defer`` (due time: the
+        debounce's), ``follow_up`` or ``retry`` (due time: the retry's).
+        """
+        if not outcomes:
             return
         script_keys: list[str] = [self.keys.due()]
-        args: list[Any] = [f"{now:.6f}"]
-        for state in states:
+        args: list[Any] = [lease, f"{now:.6f}"]
+        for state, outcome, due_at in outcomes:
             m = state.model
             mk = model_keys(self.keys, m)
-            script_keys += (mk.pending_events, mk.signals)
-            shots = state.one_shot_fields()
-            args += (m, len(state.pending_ids), len(shots))
+            script_keys += (mk.pending_events, mk.signals, mk.guard)
+            shots = state.one_shot_fields() if outcome == "finish" else []
+            args += (m, outcome, state.last_pending_entry, "" if due_at is None else f"{due_at:.6f}",
+                     state.guard.get("in_flight", ""), len(shots))
             for field_name, value in shots:
                 args += (field_name, value)
         # EVAL (not EVALSHA) inside transactions: see service.RECORD_BATCH.
-        pipe.eval(FINISH_MANY, len(script_keys), *script_keys, *args)
+        pipe.eval(END_EVALUATIONS, len(script_keys), *script_keys, *args)
 
     def take_slot(self, pipe, record: dict[str, Any], now: float) -> int:
         """Queue: take the model's single-flight slot for the record's pipeline, unless another holds it.
@@ -594,4 +652,4 @@ def lease_score(expires_at: float) -> float:
     return -expires_at
 
 
-__all__ = ["DecisionStore", "ModelKeys", "StoredState", "lease_score", "model_keys", "pending_entry"]
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "lease_score", "model_keys", "parse_pending", "pending_entry"]
