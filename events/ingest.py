@@ -228,7 +228,9 @@ class CountResponses:
         finally:
             from workers.metrics import observe_ingest_request
 
-            path = scope.get("path", "")
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            if root and path.startswith(root):  # served under a prefix (a proxy's root_path): the route is the rest
+                path = path[len(root):]
             observe_ingest_request(path if path in self.routes else "other", status[0])
 
 

@@ -85,12 +85,12 @@ def event_json(model: str = "churn", etype: str = "drift.data", data: dict | Non
 class ServerThread:
     """A real uvicorn server on a free port, in a background thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, root_path: str = ""):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", root_path=root_path))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "ServerThread":
@@ -623,6 +623,19 @@ class TestHealthAndOpenAPI:
         assert grew[key("/events", 202)] == grew[key("/events", 401)] == 1
         assert grew[key("/events", 413)] == grew[key("/events", 415)] == 1
         assert grew[key("/adapters/evidently", 400)] == 1 and grew[key("other", 404)] == 1
+
+    def test_requests_are_counted_by_route_under_a_proxy_prefix(self, redis_server, ingest_settings, keys):
+        """Served under a root path (a proxy's prefix), a request still counts under its route, not as ``other``."""
+        bus = EventBus(redis.Redis.from_url(redis_server.url), keys)
+        with ServerThread(create_app(bus, ingest_settings), root_path="/ingest") as srv:
+            def accepted():
+                line = 'retrain_ingest_requests_total{code="202",route="/events"}'
+                return next((float(x.split()[-1]) for x in httpx.get(f"{srv.url}/metrics").text.splitlines()
+                             if x.startswith(line)), 0.0)
+
+            before = accepted()
+            assert httpx.post(f"{srv.url}/events", json=event_json(), headers=AUTH, timeout=10).status_code == 202
+            assert accepted() == before + 1
 
     def test_healthz_reports_redis(self, http, redis_server, keys):
         """/healthz is 200 with Redis up (no token needed) and 503 when Redis is unreachable."""
