@@ -36,9 +36,20 @@ def redis_cpu_seconds(client) -> float:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+def python_loop_seconds(n: int = 10_000_000) -> float:
+    """Seconds one core takes for ``n`` additions in a Python loop: the machine's speed, to set
+    figures from different runs (or days, on a shared VM) side by side."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(n):
+        total += i
+    return round(time.perf_counter() - start, 3)
+
+
 def emit(result: dict, as_json: bool) -> None:
-    """Print the result (one JSON object with ``--json``), with the machine's load average."""
-    result = {**result, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    """Print the result (one JSON object with ``--json``), with the machine's load average and speed."""
+    result = {**result, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+              "python_loop_10m_s": python_loop_seconds()}
     if as_json:
         print(json.dumps(result))
     else:
