@@ -421,6 +421,32 @@ class TestRelayInACeleryWorker:
         wait_for(lambda: _gone(relay), timeout=15, message="the orphaned relay to exit")
 
 
+def _wait_on(flag) -> None:
+    flag.wait(600)
+
+
+class TestSharedFlag:
+    def test_setting_a_flag_whose_waiter_was_killed_returns(self):
+        """A process killed while it waits on the flag (a decision worker SIGKILLed while its relay starts)
+        does not leave the setter blocked (a multiprocessing.Event's set() waits for its sleepers forever)."""
+        import multiprocessing as mp
+        import threading
+
+        from workers.decision.relay import SharedFlag
+
+        ctx = mp.get_context("spawn")
+        flag = SharedFlag(ctx)
+        waiter = ctx.Process(target=_wait_on, args=(flag,), daemon=True)
+        waiter.start()
+        time.sleep(1.5)  # started and waiting
+        os.kill(waiter.pid, signal.SIGKILL)
+        waiter.join(10)
+        setter = threading.Thread(target=flag.set, daemon=True)
+        setter.start()
+        setter.join(5)
+        assert not setter.is_alive() and flag.is_set() and flag.wait(0)
+
+
 class TestEvaluatorThreads:
     def test_a_cue_during_one_threads_round_starts_the_other_threads_round(self):
         """Two evaluator threads take cues in turn: while one's round is held (waiting on Redis, say), the next

@@ -210,7 +210,8 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     """The relay process: load Celery, say ready, relay (and with ``cue``, evaluate) until told to stop
     or the parent is gone.
 
-    ``start_cpu`` (a shared double) receives the CPU seconds the start took (imports, warm-up);
+    ``stop`` and ``ready`` are :class:`SharedFlag` objects; ``start_cpu`` (a shared double) receives the
+    CPU seconds the start took (imports, warm-up);
     ``beat`` (a shared double) the ``time.monotonic()`` of the relay loop's latest round, and
     ``eval_beat`` the oldest of the evaluator threads' latest rounds; ``cue`` (the read end of a pipe) asks for an
     evaluation round: a byte per cue, never a lock a killed process could leave taken.
@@ -269,6 +270,34 @@ def relay_main(settings, name: str, stop, ready, parent_pid: int, start_cpu=None
     for evaluator in evaluators:
         evaluator.join(30)  # each sees the stop within ROUND_WAIT_S (or its turn), after the round in hand
     log.info("decision.relay_stopped", relay=name, relayed=relay.relayed)
+
+
+class SharedFlag:
+    """A flag in shared memory between a process and its child: set and read without a lock.
+
+    Not a ``multiprocessing.Event``: its ``set()`` waits for every process sleeping in ``wait()`` to
+    acknowledge, so a decision worker SIGKILLed while polling for its relay's readiness left the
+    relay blocked in ``set()`` forever (an orphan that never exits). Here ``wait`` polls.
+    """
+
+    POLL_S = 0.02
+
+    def __init__(self, ctx):
+        self._value = ctx.Value("b", 0, lock=False)
+
+    def set(self) -> None:
+        self._value.value = 1
+
+    def is_set(self) -> bool:
+        return bool(self._value.value)
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.is_set():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.POLL_S)
+        return True
 
 
 class RelayProcess:
@@ -335,7 +364,7 @@ class RelayProcess:
         if self._start_cpu is not None:
             self._start_cpu_before += self._start_cpu.value
         # Kept on self: the child unpickles them after start() returns.
-        self._stop, self._ready = self._ctx.Event(), self._ctx.Event()
+        self._stop, self._ready = SharedFlag(self._ctx), SharedFlag(self._ctx)
         self._start_cpu = self._ctx.Value("d", 0.0, lock=False)
         self._beat = self._ctx.Value("d", time.monotonic(), lock=False)
         self._eval_beat = self._ctx.Value("d", time.monotonic(), lock=False)
