@@ -17,7 +17,6 @@ from events.bus import EventBus
 from events.envelope import new_event
 from tests.support import ROOT, wait_for
 from workers.decision.service import DecisionService
-from workers.decision.state import lease_score
 
 POLICY = """
 [model]
@@ -597,6 +596,11 @@ class TestBatchRecording:
 def server_time(client) -> float:
     seconds, micros = client.time()
     return seconds + micros / 1e6
+
+
+def lease_score(expires_at: float) -> float:
+    """A leased model's score in the due set, as another worker's claim writes it: minus its expiry."""
+    return -expires_at
 
 
 class TestClaiming:

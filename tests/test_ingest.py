@@ -557,14 +557,22 @@ class TestEvidently:
         assert all_stream_events(redis_client, keys) == []
 
 
+def metric_samples(text: str, family: str) -> dict[str, float]:
+    """The samples of one metric family in a Prometheus exposition: ``name{labels}`` -> value."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(family + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels] = float(value)
+    return out
+
+
 class TestHealthAndOpenAPI:
     def test_metrics_count_accepted_events(self, http):
         """/metrics exposes retrain_ingest_events_total, which grows with accepted events."""
         def accepted():
-            for line in http.get("/metrics").text.splitlines():
-                if line.startswith('retrain_ingest_events_total{outcome="accepted",source="http"}'):
-                    return float(line.split()[-1])
-            return 0.0
+            return metric_samples(http.get("/metrics").text, "retrain_ingest_events_total").get(
+                'retrain_ingest_events_total{outcome="accepted",source="http"}', 0.0)
 
         before = accepted()
         assert http.post("/events", json=event_json(), headers=AUTH).status_code == 202
@@ -573,12 +581,7 @@ class TestHealthAndOpenAPI:
     def test_metrics_count_rejected_events_by_source(self, http):
         """Refused events count as rejected, under the path they came in by (http, alertmanager, evidently)."""
         def counts():
-            out = {}
-            for line in http.get("/metrics").text.splitlines():
-                if line.startswith("retrain_ingest_events_total{"):
-                    labels, value = line.rsplit(" ", 1)
-                    out[labels] = float(value)
-            return out
+            return metric_samples(http.get("/metrics").text, "retrain_ingest_events_total")
 
         def key(outcome, source):
             return f'retrain_ingest_events_total{{outcome="{outcome}",source="{source}"}}'
@@ -600,12 +603,7 @@ class TestHealthAndOpenAPI:
     def test_metrics_count_requests_by_route_and_status_refusals_before_reading_included(self, http):
         """Every answer is counted by route and code: 202, and the refusals that read no event (401, 413, 415)."""
         def counts():
-            out = {}
-            for line in http.get("/metrics").text.splitlines():
-                if line.startswith("retrain_ingest_requests_total{"):
-                    labels, value = line.rsplit(" ", 1)
-                    out[labels] = float(value)
-            return out
+            return metric_samples(http.get("/metrics").text, "retrain_ingest_requests_total")
 
         def key(route, code):
             return f'retrain_ingest_requests_total{{code="{code}",route="{route}"}}'
@@ -629,9 +627,8 @@ class TestHealthAndOpenAPI:
         bus = EventBus(redis.Redis.from_url(redis_server.url), keys)
         with ServerThread(create_app(bus, ingest_settings), root_path="/ingest") as srv:
             def accepted():
-                line = 'retrain_ingest_requests_total{code="202",route="/events"}'
-                return next((float(x.split()[-1]) for x in httpx.get(f"{srv.url}/metrics").text.splitlines()
-                             if x.startswith(line)), 0.0)
+                return metric_samples(httpx.get(f"{srv.url}/metrics").text, "retrain_ingest_requests_total").get(
+                    'retrain_ingest_requests_total{code="202",route="/events"}', 0.0)
 
             before = accepted()
             assert httpx.post(f"{srv.url}/events", json=event_json(), headers=AUTH, timeout=10).status_code == 202

@@ -175,14 +175,11 @@ def run_rounds(wait_for_cue: Callable[[], object], should_stop: Callable[[], boo
 
 
 def evaluate_rounds(svc, cue_fd: int, should_stop: Callable[[], bool], heartbeat: Callable[[], None],
-                    cue_turn: threading.Lock | None = None) -> None:
+                    cue_turn: threading.Lock) -> None:
     """A relay evaluator thread: a round of due models each time the decision service cues one
-    (or every ``ROUND_WAIT_S``). ``svc``: a relay-less DecisionService. With ``cue_turn``, the
-    threads sharing it wait for cues one at a time (see ``EVALUATOR_THREADS``)."""
+    (or every ``ROUND_WAIT_S``). ``svc``: a relay-less DecisionService. The threads sharing
+    ``cue_turn`` wait for cues one at a time (see ``EVALUATOR_THREADS``)."""
     def next_cue() -> None:
-        if cue_turn is None:
-            wait_for_cue(cue_fd, ROUND_WAIT_S)
-            return
         with cue_turn:
             wait_for_cue(cue_fd, ROUND_WAIT_S)
 

@@ -417,8 +417,7 @@ class DecisionService:
         for model, state in states.items():
             policy = policies[model]
             if isinstance(policy, Exception):  # an unreadable policy file stops this model only
-                self._evaluation_failed(pipe, state, policy, alerts, alerted=state.failing)
-                outcomes.append((state, "retry", now + EVALUATION_RETRY_S))
+                outcomes.append(self._evaluation_failed(pipe, state, policy, now, alerts))
                 continue
             if policy is None:
                 record = self._record(model, state, now, action="suppress",
@@ -435,8 +434,7 @@ class DecisionService:
                 decision = evaluate(policy, state.model_signals(when), when)
                 guarded = apply_guards(decision, state.guard_state(), policy, when)
             except Exception as exc:  # noqa: BLE001 - one model's bad state or a bug must not stop the others
-                self._evaluation_failed(pipe, state, exc, alerts, alerted=state.failing)
-                outcomes.append((state, "retry", now + EVALUATION_RETRY_S))
+                outcomes.append(self._evaluation_failed(pipe, state, exc, now, alerts))
                 continue
             if stale:
                 pipe.hdel(self.keys.guard(model), "in_flight", "in_flight_since")
@@ -515,22 +513,23 @@ class DecisionService:
             return True
         return False
 
-    def _evaluation_failed(self, pipe, state: StoredState, exc: Exception,
-                           alerts: list[CloudEvent], *, alerted: bool) -> None:
-        """Log and note the failure and alert once until an evaluation succeeds (the caller retries the
-        model later, its signals left pending).
+    def _evaluation_failed(self, pipe, state: StoredState, exc: Exception, now: float,
+                           alerts: list[CloudEvent]) -> tuple[StoredState, str, float]:
+        """Log and note the failure and alert once until an evaluation succeeds; return the outcome that
+        retries the model later, its signals left pending (for end_evaluations).
 
         Written outside the model's own keys (one of which may be the corrupted one).
         """
         model, error = state.model, f"{type(exc).__name__}: {exc}"
         log.error("decision.evaluation_failed", model=model, error=error, retry_in_s=EVALUATION_RETRY_S)
         pipe.hset(self.keys.evaluation_errors(), model, error[:500])
-        if not alerted:
+        if not state.failing:  # alerted when it began failing
             ev = alert_event(model, "warning", "decision evaluation failed",
                              f"{model}: {error}; its signals stay pending and it is retried every "
                              f"{EVALUATION_RETRY_S:.0f} s")
             record_alert(pipe, self.keys, ev)
             alerts.append(ev)
+        return state, "retry", now + EVALUATION_RETRY_S
 
     def _record(self, model: str, state: StoredState, now: float, *, action: str, reason: str,
                 guarded: dict | None = None, pipeline_id: str | None = None, policy=None) -> dict[str, Any]:

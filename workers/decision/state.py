@@ -647,9 +647,4 @@ class DecisionStore:
         return [json.loads(r) for r in pipe.execute() if r]
 
 
-def lease_score(expires_at: float) -> float:
-    """A leased model's score in the due set: minus its expiry (see :meth:`DecisionStore.claim_and_load`)."""
-    return -expires_at
-
-
-__all__ = ["DecisionStore", "ModelKeys", "StoredState", "lease_score", "model_keys", "parse_pending", "pending_entry"]
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys", "parse_pending", "pending_entry"]
