@@ -238,6 +238,45 @@ class TestDecisions:
         assert len(recs) == 2 and recs[0]["action"] == "start" and len(recs[0]["event_ids"]) == 3
         assert queued(redis_client, "training.high") == 2
 
+    def test_a_long_follow_up_list_is_read_newest_first_and_bounded_but_consumed_whole(
+            self, make_service, redis_client, redis_server):
+        """While a pipeline is in flight its model's signals stay pending; each evaluation meanwhile reads
+        only the newest PENDING_READ entries (plus the list's length and first entry: the debounce window), so
+        it costs the same however long the list grows. The follow-up's record lists the newest ids and counts
+        all of them, explain says how many it leaves out, and the follow-up consumes the whole list."""
+        from workers.decision.state import PENDING_READ, parse_pending_entry
+
+        svc = make_service(cooldown="0s")
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        running = records(svc)[0]["pipeline_id"]
+        extra = 30
+        burst = [drift(score=0.5 + i / 1000) for i in range(PENDING_READ + extra)]
+        svc.bus.publish_many(burst[:extra])
+        step(svc)  # a first evaluation: deferred for the follow-up
+        svc.bus.publish_many(burst[extra:])
+        step(svc)
+        assert len(records(svc)) == 1
+        key = svc.keys.pending_events("churn")
+        assert redis_client.llen(key) == PENDING_READ + extra
+        [state] = svc.store.load(["churn"]).values()
+        assert state.pending_count == PENDING_READ + extra and len(state.pending_entries) == PENDING_READ
+        assert state.pending_ids == [e.id for e in burst[extra:]]
+        assert state.pending_since == parse_pending_entry(redis_client.lindex(key, 0))[1]  # the first, not read
+        assert state.pending_until == parse_pending_entry(redis_client.lindex(key, -1))[1]
+        assert state.pending_since < state.pending_until
+        assert svc.store.release("churn", running) == 2
+        step(svc)
+        follow_up = records(svc)[0]
+        assert follow_up["action"] == "start" and follow_up["event_count"] == PENDING_READ + extra
+        assert follow_up["event_ids"] == [e.id for e in burst[extra:]]
+        assert redis_client.llen(key) == 0
+        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
+        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", follow_up["id"]],
+                             capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert f"the newest {PENDING_READ}; {extra} earlier not listed" in " ".join(out.stdout.split())
+
     def test_breaking_upstream_change_alerts_and_does_not_train(self, make_service, redis_client):
         """A removed feature is breaking: the decision is suppressed with the reason and an alert is raised."""
         svc = make_service()
@@ -518,6 +557,18 @@ class TestBatchRecording:
         # bare ids that read as numbers are ids, not times (one would be 1970, another past year 9999)
         assert parse_pending([b"1001", b"8e12", b"inf x", b"nan y"]) == (["1001", "8e12", "inf x", "nan y"], None, None)
         assert parse_pending([]) == ([], None, None)
+
+    def test_the_debounce_window_comes_from_the_first_and_last_entries(self):
+        """The window is the first entry's time to the newest's, parsed alone; an entry without a time (the older
+        layout) falls back to the times among the newest entries read."""
+        from workers.decision.state import pending_entry, pending_window
+
+        first, mid, last = pending_entry("100.0", "a"), pending_entry("90.0", "b"), pending_entry("105.5", "c")
+        assert pending_window(first, [mid, last]) == (100.0, 105.5)  # the first entry, even if not read
+        assert pending_window(b"legacy", [b"legacy", mid.encode(), last]) == (90.0, 105.5)
+        assert pending_window(first, [mid, b"legacy"]) == (100.0, 90.0)
+        assert pending_window(b"legacy", [b"legacy"]) == (None, None)
+        assert pending_window("", []) == (None, None)
 
     def test_a_batch_leaves_the_same_state_as_its_events_one_by_one(self, redis_client, keys):
         """Folding a batch per model (latest signals, drift, pending ids, a promotion's clearing) equals recording each event alone."""

@@ -31,7 +31,10 @@ def render_decision(record: dict) -> None:
         console.print(guards)
     for s in record.get("suppressed", []):
         console.print(f"[yellow]suppressed[/] {s.get('trigger')}: {s.get('reason')}")
-    console.print(f"contributing events: {', '.join(record.get('event_ids', [])) or '-'}")
+    ids = record.get("event_ids", [])
+    more = record.get("event_count", len(ids)) - len(ids)
+    newest = f" (the newest {len(ids)}; {more} earlier not listed)" if more > 0 else ""
+    console.print(f"contributing events{newest}: {', '.join(ids) or '-'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -534,7 +534,9 @@ class DecisionService:
     def _record(self, model: str, state: StoredState, now: float, *, action: str, reason: str,
                 guarded: dict | None = None, pipeline_id: str | None = None, policy=None) -> dict[str, Any]:
         decision = (guarded or {}).get("decision") or {}
-        event_times = [s.get("time") for s in state.signals.values() if s.get("id") in set(state.pending_ids)]
+        event_ids = state.pending_ids  # the newest PENDING_READ of event_count
+        listed = set(event_ids)
+        event_times = [s.get("time") for s in state.signals.values() if s.get("id") in listed]
         return {
             "id": f"d-{uuid.uuid4().hex[:16]}",
             "model": model,
@@ -552,7 +554,8 @@ class DecisionService:
             "suppressed": decision.get("suppressed", []),
             "alerts": decision.get("alerts", []),
             "drift_onset": decision.get("drift_onset"),
-            "event_ids": list(state.pending_ids),
+            "event_ids": event_ids,
+            "event_count": max(state.pending_count, len(event_ids)),
             "latest_event_time": max((t for t in event_times if t), default=None),
             "pipeline_id": pipeline_id,
             "production_version": (state.production or {}).get("version"),

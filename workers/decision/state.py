@@ -23,6 +23,11 @@ from workers.decision.triggers import ModelSignals, UpstreamChanges
 TRAININGS_LOOKBACK_S = 86400 * 2
 """Training start times read for the budget (at least its 24 hours)."""
 DRIFT_HISTORY_READ = 50
+PENDING_READ = 100
+"""Newest pending entries an evaluation reads (and its decision record lists): a model whose pipeline is in
+flight keeps its signals pending for the follow-up, and each of its evaluations meanwhile must not
+cost more as the list grows. The whole list's length and its first entry (the debounce window's
+start) are read too."""
 ONE_SHOT_SIGNALS = ("schedule.tick", "retrain.requested")
 """Signals consumed by the decision that saw them (the others are latest-value state)."""
 STATE_SIGNALS = ("drift.data", "drift.concept", "performance.measured", "volume.accumulated")
@@ -93,14 +98,15 @@ LOAD_STATES = """
 -- KEYS: due, evaluation errors, then per model (signals, drift_history, guard, trainings, pending_events,
 --   aliases, versions)
 -- ARGV: lease seconds ('' = no claim, no due check), trainings since (score), drift entries to read,
---   now, then the model names (in KEYS order)
+--   pending entries to read, now, then the model names (in KEYS order)
 -- Returns {lease, states}: the lease score taken ('' without a claim), then per model
--- Each model reads as {signals, drift, guard, trainings, pending, production, failing} where failing is 1
--- when its last evaluation failed; a model with a key of the wrong type reads as {'error', message,
+-- Each model reads as {signals, drift, guard, trainings, pending, production, failing, pending count,
+-- first pending entry} where pending holds the newest entries (at most the number asked for, oldest
+-- first) and failing is 1 when its last evaluation failed; a model with a key of the wrong type reads as {'error', message,
 -- failing, newest pending entry}: the others still load. A model not claimed reads as false.
 -- (Reads go through pcall, so the check costs nothing when the keys are sound.)
 local out = {}
-local ttl, since, ndrift, now = ARGV[1], ARGV[2], tonumber(ARGV[3]) - 1, tonumber(ARGV[4])
+local ttl, since, ndrift, npending, now = ARGV[1], ARGV[2], tonumber(ARGV[3]) - 1, -tonumber(ARGV[4]), tonumber(ARGV[5])
 local lease, server_now = '', 0
 if ttl ~= '' then
   local t = redis.call('TIME')
@@ -117,7 +123,7 @@ local function read(cmd, key, ...)
   end
   return r
 end
-local m = 4
+local m = 5
 for k = 3, #KEYS, 7 do
   m = m + 1
   local model = ARGV[m]
@@ -143,14 +149,24 @@ for k = 3, #KEYS, 7 do
     for i = 1, #signals, 2 do
       if signals[i] == 'drift.data' then drift = read('LRANGE', KEYS[k + 1], 0, ndrift) end
     end
+    local pending = read('LRANGE', KEYS[k + 4], npending, -1)
+    local count = #pending
+    local first = pending[1] or ''
+    if count == -npending then  -- maybe more: the list's length and its first entry (the window's start)
+      count = read('LLEN', KEYS[k + 4])
+      if type(count) ~= 'number' then count = #pending end
+      if count > #pending then first = read('LINDEX', KEYS[k + 4], 0) end
+    end
     local state = {
       signals,
       drift,
       read('HGETALL', KEYS[k + 2]),
       read('ZRANGEBYSCORE', KEYS[k + 3], since, '+inf', 'WITHSCORES'),
-      read('LRANGE', KEYS[k + 4], 0, -1),
+      pending,
       prod,
       failing,
+      count,
+      first,
     }
     if err then
       local newest = redis.pcall('LINDEX', KEYS[k + 4], -1)  -- what END_EVALUATIONS compares with
@@ -248,27 +264,46 @@ MAX_RECORDED_AT = 1e11
 """Pending times beyond this (year 5138) are not times: such an entry is read as an id (see :func:`parse_pending`)."""
 
 
-def parse_pending(entries: list[Any]) -> tuple[list[str], float | None, float | None]:
-    """Pending-list entries -> (event ids, first recorded at, last recorded at); see :func:`pending_entry`.
+def parse_pending_entry(raw: Any) -> tuple[str, float | None]:
+    """One pending-list entry -> (event id, recorded at); see :func:`pending_entry`.
 
     An entry not written by :func:`pending_entry` (no ``"<time> "`` prefix: an older layout held
-    bare ids) is an id whose time is unknown.
+    bare ids) is an id whose time is unknown (``None``).
     """
-    ids: list[str] = []
-    times: list[float] = []
-    for raw in entries:
-        entry = _str(raw)
-        stamp, sep, event_id = entry.partition(" ")
-        try:
-            recorded_at = float(stamp) if sep and event_id else math.nan
-        except ValueError:
-            recorded_at = math.nan
-        if 0 <= recorded_at < MAX_RECORDED_AT:  # NaN (no time) fails this too
-            times.append(recorded_at)
-            ids.append(event_id)
-        else:
-            ids.append(entry)
-    return ids, (min(times) if times else None), (max(times) if times else None)
+    entry = _str(raw)
+    stamp, sep, event_id = entry.partition(" ")
+    try:
+        recorded_at = float(stamp) if sep and event_id else math.nan
+    except ValueError:
+        recorded_at = math.nan
+    if 0 <= recorded_at < MAX_RECORDED_AT:  # NaN (no time) fails this too
+        return event_id, recorded_at
+    return entry, None
+
+
+def parse_pending(entries: list[Any]) -> tuple[list[str], float | None, float | None]:
+    """Pending-list entries -> (event ids, first recorded at, last recorded at); see :func:`pending_entry`."""
+    parsed = [parse_pending_entry(raw) for raw in entries]
+    times = [t for _, t in parsed if t is not None]
+    return [i for i, _ in parsed], (min(times) if times else None), (max(times) if times else None)
+
+
+def pending_window(first: Any, newest: list[Any]) -> tuple[float | None, float | None]:
+    """The debounce window of a pending list from its first entry and its newest ones (oldest first): when
+    the burst began and when it was last extended.
+
+    Entries are appended as they are recorded, so these are the first and last entries' times,
+    parsed alone (an evaluation does not parse the whole list). An entry without a time (the
+    older layout) falls back to the times among the newest entries.
+    """
+    if not newest:
+        return None, None
+    since, until = parse_pending_entry(first)[1], parse_pending_entry(newest[-1])[1]
+    if since is None or until is None:
+        _, low, high = parse_pending(newest)
+        since = low if since is None else since
+        until = high if until is None else until
+    return since, until
 
 
 def relay_queue_entry(model: str, pipeline_id: str) -> str:
@@ -343,8 +378,12 @@ class StoredState:
     """Oldest first."""
     guard: dict[str, str] = field(default_factory=dict)
     trainings: list[tuple[str, float]] = field(default_factory=list)
-    pending_ids: list[str] = field(default_factory=list)
-    """The ids of the signals recorded since the model's last evaluation, oldest first."""
+    pending_entries: list[Any] = field(default_factory=list)
+    """The newest (up to ``PENDING_READ``) entries of the model's pending list, oldest first, as stored:
+    the signals recorded since its last evaluation (see :func:`pending_entry`). Parsed only when a
+    decision record lists them (:attr:`pending_ids`)."""
+    pending_count: int = 0
+    """How many signals are pending in all (the list may be longer than what was read)."""
     pending_since: float | None = None
     """When the first of them was recorded (Unix seconds) ..."""
     pending_until: float | None = None
@@ -357,6 +396,11 @@ class StoredState:
     """Why the state could not be read (a corrupted key, bad JSON); the model is not evaluated."""
     failing: bool = False
     """Its last evaluation failed (an alert was raised then; the next success clears it)."""
+
+    @property
+    def pending_ids(self) -> list[str]:
+        """The ids of the newest pending signals (up to ``PENDING_READ``), oldest first."""
+        return [parse_pending_entry(raw)[0] for raw in self.pending_entries]
 
     def guard_state(self) -> GuardState:
         g = self.guard
@@ -471,7 +515,7 @@ class DecisionStore:
             script_keys += (mk.signals, mk.drift_history, mk.guard, mk.trainings, mk.pending_events,
                             mk.aliases, mk.versions)
         lease, replies = self._load(keys=script_keys, args=[lease_s, repr(now - TRAININGS_LOOKBACK_S),
-                                                            max(1, drift_entries), repr(now), *models])
+                                                            max(1, drift_entries), PENDING_READ, repr(now), *models])
         out: dict[str, StoredState] = {}
         signal = self._signal
         for m, reply in zip(models, replies):
@@ -481,17 +525,18 @@ class DecisionStore:
                 out[m] = StoredState(model=m, error=f"unreadable state: {_str(reply[1])}", failing=bool(reply[2]),
                                      last_pending_entry=_str(reply[3]))
                 continue
-            sig, drift, guard, trainings, pending, production, failing = reply
+            sig, drift, guard, trainings, pending, production, failing, pending_count, first_pending = reply
             try:
                 raw_signals = {_str(t): v for t, v in zip(sig[::2], sig[1::2])}
-                pending_ids, pending_since, pending_until = parse_pending(pending)
+                pending_since, pending_until = pending_window(first_pending, pending)
                 out[m] = StoredState(
                     model=m,
                     signals={t: signal(m, t, v) for t, v in raw_signals.items()},
                     drift_history=[float(x) for x in reversed(drift)],
                     guard={_str(a): _str(b) for a, b in zip(guard[::2], guard[1::2])},
                     trainings=[(_str(p), float(t)) for p, t in zip(trainings[::2], trainings[1::2])],
-                    pending_ids=pending_ids,
+                    pending_entries=pending,
+                    pending_count=int(pending_count),
                     pending_since=pending_since,
                     pending_until=pending_until,
                     last_pending_entry=_str(pending[-1]) if pending else "",
@@ -647,4 +692,5 @@ class DecisionStore:
         return [json.loads(r) for r in pipe.execute() if r]
 
 
-__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys", "parse_pending", "pending_entry"]
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys", "parse_pending", "parse_pending_entry",
+           "pending_entry", "pending_window"]
