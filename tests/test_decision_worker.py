@@ -559,16 +559,30 @@ class TestBatchRecording:
         assert parse_pending([]) == ([], None, None)
 
     def test_the_debounce_window_comes_from_the_first_and_last_entries(self):
-        """The window is the first entry's time to the newest's, parsed alone; an entry without a time (the older
-        layout) falls back to the times among the newest entries read."""
+        """The window is the first entry's time to the newest's, each parsed alone; a first entry without a time
+        (written before entries carried one) is older than any maximum wait; untimed entries alone have no window."""
         from workers.decision.state import pending_entry, pending_window
 
         first, mid, last = pending_entry("100.0", "a"), pending_entry("90.0", "b"), pending_entry("105.5", "c")
         assert pending_window(first, [mid, last]) == (100.0, 105.5)  # the first entry, even if not read
-        assert pending_window(b"legacy", [b"legacy", mid.encode(), last]) == (90.0, 105.5)
-        assert pending_window(first, [mid, b"legacy"]) == (100.0, 90.0)
-        assert pending_window(b"legacy", [b"legacy"]) == (None, None)
+        assert pending_window(b"legacy", [mid.encode(), last]) == (0.0, 105.5)  # not the newest ones' 90.0
+        assert pending_window(b"legacy", [b"legacy", b"older-layout"]) == (None, None)
         assert pending_window("", []) == (None, None)
+
+    def test_a_legacy_head_does_not_hold_a_continuous_stream_past_its_maximum_wait(self, make_service, redis_client):
+        """An untimed entry left at the head of a long pending list by an older release: the model decides, though
+        its newest signals keep arriving inside the quiet period (the newest 100 alone would say the burst began
+        just now)."""
+        from workers.decision.state import PENDING_READ
+
+        svc = make_service(quiet="1h", max_wait="5m")
+        key = svc.keys.pending_events("churn")
+        redis_client.rpush(key, "legacy-event-id")
+        svc.bus.publish_many([drift(score=0.2) for _ in range(PENDING_READ + 5)])
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and rec["event_count"] == PENDING_READ + 6
+        assert any("maximum" in c["reason"] for c in rec["checks"] if c["guard"] == "debounce")
 
     def test_a_batch_leaves_the_same_state_as_its_events_one_by_one(self, redis_client, keys):
         """Folding a batch per model (latest signals, drift, pending ids, a promotion's clearing) equals recording each event alone."""

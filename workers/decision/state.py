@@ -102,8 +102,9 @@ LOAD_STATES = """
 -- Returns {lease, states}: the lease score taken ('' without a claim), then per model
 -- Each model reads as {signals, drift, guard, trainings, pending, production, failing, pending count,
 -- first pending entry} where pending holds the newest entries (at most the number asked for, oldest
--- first) and failing is 1 when its last evaluation failed; a model with a key of the wrong type reads as {'error', message,
--- failing, newest pending entry}: the others still load. A model not claimed reads as false.
+-- first) and failing is 1 when its last evaluation failed; a model with a key of the wrong type reads
+-- as {'error', message, failing, newest pending entry}: the others still load. A model not claimed
+-- reads as false.
 -- (Reads go through pcall, so the check costs nothing when the keys are sound.)
 local out = {}
 local ttl, since, ndrift, npending, now = ARGV[1], ARGV[2], tonumber(ARGV[3]) - 1, -tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -292,18 +293,19 @@ def pending_window(first: Any, newest: list[Any]) -> tuple[float | None, float |
     """The debounce window of a pending list from its first entry and its newest ones (oldest first): when
     the burst began and when it was last extended.
 
-    Entries are appended as they are recorded, so these are the first and last entries' times,
-    parsed alone (an evaluation does not parse the whole list). An entry without a time (the
-    older layout) falls back to the times among the newest entries.
+    Entries are appended as they are recorded, so these are the first and the newest entries' times,
+    parsed alone (an evaluation does not parse the whole list). Each entry carries the clock of the
+    decision worker that recorded it: with several workers whose clocks differ, the window is off by
+    at most their skew. A first entry without a time was written before entries carried one, so
+    before every timed entry: its burst began long enough ago (0.0) for any maximum wait. A list of
+    such entries alone has no window (``None, None``), as before.
     """
     if not newest:
         return None, None
     since, until = parse_pending_entry(first)[1], parse_pending_entry(newest[-1])[1]
-    if since is None or until is None:
-        _, low, high = parse_pending(newest)
-        since = low if since is None else since
-        until = high if until is None else until
-    return since, until
+    if until is None:  # the newest untimed: every entry is (timed ones come after untimed ones)
+        return None, None
+    return (0.0 if since is None else since), until
 
 
 def relay_queue_entry(model: str, pipeline_id: str) -> str:
