@@ -95,6 +95,7 @@ class TestPipeline:
             "minimum_performance", "no_regression", "prediction_stability", "latency", "model_size"}
         decision = DecisionStore(redis_client, keys).get_record(v2.decision_id)
         assert decision["pipeline_id"] == v2.pipeline_id
+        assert v2.trigger_event_count == decision["event_count"] >= len(v2.trigger_event_ids) >= 1
         wait_for(lambda: registry.get("churn", 2).status == "shadow", timeout=30, message="v2 in shadow")
         rollout = json.loads(redis_client.hget(keys.rollout("churn"), "state"))
         assert rollout["candidate"] == "2" and rollout["production"] == "1"

@@ -33,6 +33,7 @@ def pipeline_context(record: dict[str, Any]) -> dict[str, Any]:
         "queue": record.get("queue") or "training.low",
         "triggers": [t["name"] for t in record.get("triggers", []) if t.get("triggered")],
         "event_ids": record.get("event_ids", []),
+        "event_count": record.get("event_count", len(record.get("event_ids", []))),
         "drift_onset": record.get("drift_onset"),
         "production_version": record.get("production_version"),
         "force": bool(record.get("force", False)),

@@ -380,6 +380,7 @@ def _register(env: _Env, ctx: dict[str, Any], *, status: str, gate: dict | None)
         reference_profile_uri=ctx.get("reference_profile_uri", ""),
         reference_profile_sha256=ctx.get("reference_profile_sha256", ""),
         decision_id=ctx.get("decision_id"), trigger_event_ids=ctx.get("event_ids", []),
+        trigger_event_count=ctx.get("event_count", len(ctx.get("event_ids", []))),
         triggers=ctx.get("triggers", []), pipeline_id=ctx["pipeline_id"],
         parent_version=production.version if production else None, gate=gate,
         feature_version=(decision or {}).get("feature_version"),

@@ -79,6 +79,8 @@ class ModelVersion:
     reference_profile_sha256: str = ""
     decision_id: str | None = None
     trigger_event_ids: list[str] = field(default_factory=list)
+    """The ids of the signals the decision saw: the newest 100 of ``trigger_event_count``."""
+    trigger_event_count: int = 0
     triggers: list[str] = field(default_factory=list)
     pipeline_id: str | None = None
     parent_version: int | None = None
@@ -86,9 +88,9 @@ class ModelVersion:
     feature_version: str | None = None
     schema_fingerprint: str | None = None
     source_schema: dict[str, str] = field(default_factory=dict)
+    """Columns and dtypes of the data source at training time (for upstream-change checks)."""
     reference_scores: list[float] = field(default_factory=list)
     """A sample of the model's scores on its holdout (the reference for concept drift)."""
-    """Columns and dtypes of the data source at training time (for upstream-change checks)."""
     notes: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
