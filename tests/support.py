@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,6 +14,14 @@ from typing import Callable
 from workers.cli.cmd_worker import worker_command, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def retrain_cli(*args: str, redis_url: str | None = None, env: dict[str, str] | None = None,
+                timeout: float = 120.0) -> subprocess.CompletedProcess:
+    """Run ``retrain ARGS...`` (``python -m workers.cli``) as a user would, against ``redis_url``; output as text."""
+    full_env = {**os.environ, **({"RETRAIN_REDIS_URL": redis_url} if redis_url else {}), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=timeout)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 20.0, interval: float = 0.05, message: str = ""):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +11,7 @@ from config.celery_config import ROLE_QUEUES, celery_config
 from config.durations import format_duration, parse_duration
 from config.policy import PolicyError, load_policy, policy_from_dict
 from config.settings import Settings
-from tests.support import ROOT
+from tests.support import ROOT, retrain_cli
 
 EXAMPLE = ROOT / "config" / "policies" / "example-churn.toml"
 
@@ -91,8 +88,7 @@ class TestPolicy:
         path.write_text('[model]\nname="m"\n[triggers]\ndrift_treshold = 0.2\n')
         snap = tmp_path / "s.json"
         snap.write_text('{"last_training_date": "2026-01-01T00:00:00Z", "now": "2026-01-02T00:00:00Z"}')
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "decide", "--policy", str(path), "--snapshot",
-                              str(snap), "--json"], capture_output=True, text=True, cwd=ROOT)
+        out = retrain_cli("decide", "--policy", str(path), "--snapshot", str(snap), "--json")
         assert out.returncode == 2
         assert out.stderr.strip().count("\n") == 0 and "drift_treshold" in out.stderr
         assert "Traceback" not in out.stderr

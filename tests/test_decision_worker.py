@@ -15,7 +15,7 @@ import pytest
 from config.settings import Settings
 from events.bus import EventBus
 from events.envelope import new_event
-from tests.support import ROOT, wait_for
+from tests.support import ROOT, retrain_cli, wait_for
 from workers.decision.service import DecisionService
 
 POLICY = """
@@ -271,9 +271,7 @@ class TestDecisions:
         assert follow_up["action"] == "start" and follow_up["event_count"] == PENDING_READ + extra
         assert follow_up["event_ids"] == [e.id for e in burst[extra:]]
         assert redis_client.llen(key) == 0
-        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", follow_up["id"]],
-                             capture_output=True, text=True, env=env, cwd=ROOT)
+        out = retrain_cli("explain", follow_up["id"], redis_url=redis_server.url)
         assert out.returncode == 0, out.stderr
         assert f"the newest {PENDING_READ}; {extra} earlier not listed" in " ".join(out.stdout.split())
 
@@ -775,14 +773,11 @@ class TestExplain:
         svc.bus.publish(drift(score=0.2))
         step(svc)
         rec = records(svc)[0]
-        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", rec["id"], "--json"],
-                             capture_output=True, text=True, env=env, cwd=ROOT)
+        out = retrain_cli("explain", rec["id"], "--json", redis_url=redis_server.url)
         assert out.returncode == 0, out.stderr
         shown = json.loads(out.stdout)
         assert shown["id"] == rec["id"] and shown["triggers"] == rec["triggers"]
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", "d-nope"],
-                             capture_output=True, text=True, env=env, cwd=ROOT)
+        out = retrain_cli("explain", "d-nope", redis_url=redis_server.url)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
 
 

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from events.bus import EventBus
-from tests.support import ROOT, wait_for
+from tests.support import retrain_cli, wait_for
 from tests.test_pipeline import request, setup_model
 from workers.registry.store import Registry
 from workers.simulate import write_days
@@ -35,9 +32,7 @@ class TestMonitor:
         import pandas as pd
 
         pd.read_parquet(path).drop(columns=["region"]).to_parquet(path, index=False)
-        cli_env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url, **env}
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "monitor", "churn", "--json"],
-                             capture_output=True, text=True, env=cli_env, cwd=ROOT)
+        out = retrain_cli("monitor", "churn", "--json", redis_url=redis_server.url, env=env)
         assert out.returncode == 0, out.stderr
         summary = json.loads(out.stdout)
         assert summary["production"] == 1
@@ -71,9 +66,7 @@ class TestMonitor:
 
     def test_monitor_without_policy_is_exit_2(self, redis_server, tmp_path):
         """An unknown model: one line, exit 2."""
-        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url, "RETRAIN_POLICY_DIR": str(tmp_path)}
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "monitor", "nope"], capture_output=True,
-                             text=True, env=env, cwd=ROOT)
+        out = retrain_cli("monitor", "nope", redis_url=redis_server.url, env={"RETRAIN_POLICY_DIR": str(tmp_path)})
         assert out.returncode == 2 and "no policy" in out.stderr
 
 

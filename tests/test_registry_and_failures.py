@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -15,7 +14,7 @@ import pytest
 
 from events.bus import EventBus
 from events.envelope import new_event
-from tests.support import ROOT, wait_for
+from tests.support import retrain_cli, wait_for
 from tests.test_pipeline import POLICY, request, setup_model
 from workers.registry.store import ModelVersion, Registry
 
@@ -63,14 +62,13 @@ class TestForcedPromotion:
         rejected = _version(registry, status="rejected")
         registry.update("m", rejected.version, gate={"checks": [{"name": "latency", "passed": False}]})
         registry.set_alias("m", "production", 1, who="t", why="setup")
-        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
-        base = [sys.executable, "-m", "workers.cli", "promote", "m", "--version", "2", "--who", "ana"]
-        out = subprocess.run(base, capture_output=True, text=True, env=env, cwd=ROOT)
+        base = ["promote", "m", "--version", "2", "--who", "ana"]
+        out = retrain_cli(*base, redis_url=redis_server.url)
         assert out.returncode == 2 and "rejected by the gate (latency)" in out.stderr
-        out = subprocess.run(base + ["--force"], capture_output=True, text=True, env=env, cwd=ROOT)
+        out = retrain_cli(*base, "--force", redis_url=redis_server.url)
         assert out.returncode == 2 and "--reason" in out.stderr
-        out = subprocess.run(base + ["--force", "--reason", "latency check flaky on CI box", "--json"],
-                             capture_output=True, text=True, env=env, cwd=ROOT)
+        out = retrain_cli(*base, "--force", "--reason", "latency check flaky on CI box", "--json",
+                          redis_url=redis_server.url)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["status"] == "shadow"
         record = registry.get("m", 2)
@@ -81,9 +79,8 @@ class TestForcedPromotion:
 class TestTriggerCommand:
     def test_trigger_publishes_a_manual_request(self, redis_client, keys, redis_server):
         """`retrain trigger MODEL --reason` publishes retrain.requested with who and why."""
-        env = {**os.environ, "RETRAIN_REDIS_URL": redis_server.url}
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "trigger", "churn", "--reason", "new labels",
-                              "--who", "ana", "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+        out = retrain_cli("trigger", "churn", "--reason", "new labels", "--who", "ana", "--json",
+                          redis_url=redis_server.url)
         assert out.returncode == 0, out.stderr
         [(_, fields)] = redis_client.xrange(keys.events_for("churn"))
         event = json.loads(fields[b"e"])

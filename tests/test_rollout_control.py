@@ -10,7 +10,7 @@ import time
 import pytest
 
 from config.policy import policy_from_dict
-from tests.support import wait_for
+from tests.support import retrain_cli, wait_for
 from workers.decision.state import DecisionStore
 from workers.registry.store import ModelVersion, Registry
 from workers.rollout.control import MANUAL_LOCK_WAIT_S, TICK_LOCK_MS, RolloutConflict, RolloutControl
@@ -223,15 +223,7 @@ class TestManual:
 
     def test_cli_rollback_exit_codes(self, versions, redis_server, redis_client, keys):
         """`retrain rollback` with no rollout is one line and exit 2."""
-        import os
-        import subprocess
-        import sys
-
-        from tests.support import ROOT
-
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "rollback", MODEL, "--reason", "x"],
-                             capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url})
+        out = retrain_cli("rollback", MODEL, "--reason", "x", redis_url=redis_server.url)
         assert out.returncode == 2 and "no rollout" in out.stderr and out.stderr.count("\n") == 1
 
 
@@ -531,18 +523,11 @@ class TestRolloutAgain:
     def test_cli_promote_of_a_rolled_back_version_starts_its_rollout_again(self, control, versions, redis_server,
                                                                            redis_client, keys):
         """`retrain promote --version N` after N was rolled back starts a new rollout (exit 0)."""
-        import os
-        import subprocess
-        import sys
-
-        from tests.support import ROOT
-
         ctl = control()
         ctl.begin(MODEL, 2)
         done = ctl.manual(MODEL, "rollback", "bob", "pager")
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "promote", MODEL, "--version", "2", "--who", "ana",
-                              "--reason", "retry", "--json"], capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url})
+        out = retrain_cli("promote", MODEL, "--version", "2", "--who", "ana", "--reason", "retry", "--json",
+                          redis_url=redis_server.url)
         assert out.returncode == 0, out.stderr
         shown = json.loads(out.stdout)
         assert shown["status"] == "shadow" and shown["revision"] == done.revision + 1
@@ -643,18 +628,10 @@ class TestRealWorker:
 class TestExplainRollout:
     def test_explain_rollout_lists_every_look(self, control, versions, redis_client, keys, redis_server):
         """`retrain explain rollout:MODEL --json` shows each analysis record with metrics, thresholds and sample sizes."""
-        import os
-        import subprocess
-        import sys
-
-        from tests.support import ROOT
-
         ctl = control()
         ctl.begin(MODEL, 2)
         drive(ctl, Traffic(redis_client, keys, seed=11), {"cand_acc": 0.55})
-        out = subprocess.run([sys.executable, "-m", "workers.cli", "explain", f"rollout:{MODEL}", "--json"],
-                             capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "RETRAIN_REDIS_URL": redis_server.url})
+        out = retrain_cli("explain", f"rollout:{MODEL}", "--json", redis_url=redis_server.url)
         assert out.returncode == 0, out.stderr
         shown = json.loads(out.stdout)
         assert shown["status"] == "rolled_back"
