@@ -86,6 +86,15 @@ class TestSummarize:
         assert (a.labeled, a.sq_err_sum, a.sq_err_sq_sum, a.mse) == (2, 5.0, 17.0, 2.5)
         assert a.scores == [1.0, 3.0]
 
+    def test_a_regression_label_that_is_not_a_number_is_counted_not_raised(self):
+        """One bad feedback entry ("n/a", NaN, a boolean) must not stop every later look at the rollout: it is counted
+        as unusable, and the good labels still make the squared error."""
+        rows = ((1.0, 2.0), (3.0, "n/a"), (2.0, float("nan")), (2.0, True), (3.0, "1.0"))
+        records = [{"version": "1", "latency_ms": 1, "error": False, "prediction": p, "label": y, "shadow_of": None}
+                   for p, y in rows]
+        a = summarize(records, task="regression")["1"]
+        assert (a.labeled, a.unusable_labels, a.sq_err_sum) == (2, 3, 5.0)
+
     def test_shadow_pairs_join_by_request_id(self):
         """Each mirrored answer is paired with production's answer to the same request id."""
         records = []

@@ -411,6 +411,19 @@ class TestRequestLog:
         with pytest.raises(FeatureError):
             router.feedback("r3", {"not": "a label"})
 
+    def test_a_regression_model_takes_numeric_labels_only(self, make_version, open_router, redis_client, keys):
+        """A label for a regression model must be a number: text or a boolean is refused with the reason, and
+        nothing reaches the feedback stream the rollout analysis reads."""
+        X, _ = training_frame(0)
+        make_version("reg", LinearRegression().fit(X, X["a"] * 2 + 1))
+        router = open_router("reg")
+        router.feedback("r1", 3.5)
+        router.feedback("r2", 4)
+        for bad in ("n/a", True):
+            with pytest.raises(FeatureError, match="must be a number for the regression model"):
+                router.feedback("r3", bad)
+        assert [decode_feedback(f)["label"] for _, f in redis_client.xrange(keys.feedback("reg"))] == [3.5, 4]
+
 
 # --------------------------------------------------------------------------- inputs
 

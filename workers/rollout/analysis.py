@@ -106,6 +106,9 @@ class ArmStats:
     sq_err_sum: float = 0.0
     sq_err_sq_sum: float = 0.0
     task: Task = "binary"
+    unusable_labels: int = 0
+    """Labels joined to an answer but not usable (a regression label or prediction that is not a
+    number): counted here, not as labeled, so one bad feedback entry cannot stop the analysis."""
 
     @property
     def error_rate(self) -> float | None:
@@ -151,6 +154,7 @@ class ArmStats:
             correct=self.correct + other.correct,
             sq_err_sum=self.sq_err_sum + other.sq_err_sum,
             sq_err_sq_sum=self.sq_err_sq_sum + other.sq_err_sq_sum,
+            unusable_labels=self.unusable_labels + other.unusable_labels,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,6 +195,16 @@ def _score_of(record: Mapping[str, Any], task: Task) -> float | None:
         return None if score is None else float(score)
     except (TypeError, ValueError):
         return None
+
+
+def _real(value: Any) -> float:
+    """A regression label or prediction as a finite float; ValueError for anything else (text, NaN, a bool)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a number: {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value!r}")
+    return number
 
 
 def summarize(records: Iterable[Mapping[str, Any]], task: Task = "binary") -> dict[str, ArmStats]:
@@ -236,12 +250,17 @@ def summarize(records: Iterable[Mapping[str, Any]], task: Task = "binary") -> di
         label, prediction = rec.get("label"), rec.get("prediction")
         if label is None or prediction is None:
             continue
-        arm.labeled += 1
         if task == "regression":
-            sq = (float(prediction) - float(label)) ** 2
+            try:
+                sq = (_real(prediction) - _real(label)) ** 2
+            except (TypeError, ValueError):
+                arm.unusable_labels += 1
+                continue
+            arm.labeled += 1
             arm.sq_err_sum += sq
             arm.sq_err_sq_sum += sq * sq
         else:
+            arm.labeled += 1
             arm.correct += int(prediction == label)
     return arms
 

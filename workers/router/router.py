@@ -311,6 +311,10 @@ class Router:
             raise FeatureError("label must be a string, number or boolean")
         if isinstance(label, float) and not math.isfinite(label):
             raise FeatureError("label must be finite")
+        production = self._models.get(self._snap.table.production or "")
+        if production is not None and production.task == "regression" and (
+                isinstance(label, bool) or not isinstance(label, (int, float))):
+            raise FeatureError(f"label must be a number for the regression model {self.model!r}, got {label!r}")
         entry = self.redis.xadd(self.keys.feedback(self.model),
                                 {"request_id": request_id, "label": json.dumps(label), "ts": f"{time.time():.6f}"},
                                 maxlen=self.maxlen, approximate=True)
