@@ -271,6 +271,24 @@ class TestNoRegressionTestsTheComparedMetric:
         noisy = gate(models, "multiclass", "noisy", primary_metric="accuracy").check("no_regression")
         assert not noisy.passed and noisy.extra["test"] == "mcnemar_exact"
 
+    def test_an_undefined_bootstrap_bound_does_not_pass_a_drop(self):
+        """roc_auc on a holdout with 4 positives: some resamples hold none, their AUC is nan and so is the bound. A drop
+        beyond the tolerance then blocks (it passed before as "within noise": nan < 0 is false)."""
+        rng = np.random.default_rng(1)
+        n = 1000
+        y = np.zeros(n, int)
+        y[rng.choice(n, 4, replace=False)] = 1
+        production = np.where(y == 1, 0.95, rng.uniform(0.0, 0.4, n))  # AUC 1.0
+        candidate = production.copy()
+        candidate[y == 1] = [0.17, 0.27, 0.38, 0.5]  # its positives rank among the negatives: AUC ~0.98
+        ctx = self._ctx("binary", y, (candidate > 0.5).astype(int), (production > 0.5).astype(int))
+        ctx.candidate_proba = np.c_[1 - candidate, candidate]
+        ctx.production_proba = np.c_[1 - production, production]
+        ctx.labels = np.array([0, 1])
+        check = checks.check_no_regression(ctx, policy(primary_metric="roc_auc").gate)
+        assert check.value < -0.02 and not np.isfinite(check.extra["upper_bound"])
+        assert not check.passed and "cannot be told" in check.detail
+
     def test_roc_auc_is_bootstrapped_on_probabilities(self, models):
         """roc_auc as the compared metric: the bootstrap scores each model's probabilities."""
         worse = gate(models, "binary", "noisy", primary_metric="roc_auc").check("no_regression")
