@@ -367,6 +367,50 @@ class TestFinishedByADeadWorker:
         assert not redis_client.sismember(keys.active_rollouts(), MODEL)
 
 
+class TestThirdVersion:
+    """Production v2 with v1 before it; v3 rolls out."""
+
+    @pytest.fixture
+    def three(self, versions):
+        versions.register(ModelVersion(model=MODEL, version=0, status="staged", artifact_uri="file:///x/3.skops",
+                                       sha256="0" * 64, pipeline_id="p-3"))
+        versions.set_status(MODEL, 1, "previous", who="test", why="setup")
+        versions.set_status(MODEL, 2, "production", who="test", why="setup")
+        versions.set_alias(MODEL, "production", 2, who="test", why="setup")
+        versions.set_alias(MODEL, "previous", 1, who="test", why="setup")
+        return versions
+
+    def test_completion_keeps_the_outgoing_production_loaded_for_a_rollback(self, control, three, redis_client, keys):
+        """After v3 completes the traffic table names v2 (the registry's previous) as the version routers keep
+        loaded, not v1 (production's own predecessor)."""
+        ctl = control()
+        ctl.begin(MODEL, 3, who="op")
+        ctl.manual(MODEL, "promote", "op", "ship it")
+        table = read_traffic(redis_client, keys, MODEL)
+        assert (table.production, table.previous) == ("3", "2")
+        assert three.alias(MODEL, "previous") == 2
+
+    def test_a_rollback_after_completion_replayed_after_a_crash_restores_the_production_status(
+            self, control, three, redis_client, keys):
+        """A worker dies after a post-completion rollback moved the aliases but before the registry statuses:
+        the replay finds production moved already and still marks v2 production again (and v3 rolled back)."""
+        ctl = control()
+        ctl.begin(MODEL, 3, who="op")
+        ctl.manual(MODEL, "promote", "op", "ship it")
+        dying = control()
+
+        def die(*args, **kwargs):
+            raise Died("worker killed")
+
+        dying._status = die
+        with pytest.raises(Died):
+            dying.manual(MODEL, "rollback", "oncall", "v3 is bad")
+        assert three.alias(MODEL, "production") == 2 and three.get(MODEL, 2).status == "previous"
+        control().tick_all()
+        assert three.alias(MODEL, "production") == 2 and three.get(MODEL, 2).status == "production"
+        assert three.get(MODEL, 3).status == "rolled_back"
+
+
 class TestPolicyEditedMidRollout:
     def test_inserting_a_phase_mid_rollout_keeps_automatic_rollback(self, control, versions, redis_client, keys):
         """The rollout at 25 %, an operator inserts a 10 % phase into the policy: the rollout keeps the

@@ -217,9 +217,11 @@ class RolloutControl:
         """Write the traffic table if the rollout is still at ``state``'s revision; return whether written."""
         from workers.router.traffic import TrafficTable, write_traffic
 
+        production = action.production or state.production
         table = TrafficTable(
-            production=action.production or state.production,
-            previous=state.previous or "",
+            production=production,
+            # At completion the outgoing production becomes the version routers keep for a rollback.
+            previous=state.production if production != state.production else (state.previous or ""),
             candidate=action.candidate or "",
             candidate_percent=float(action.candidate_percent) if action.candidate else 0.0,
             shadow=(action.candidate or "") if action.shadow else "",
@@ -292,7 +294,9 @@ class RolloutControl:
 
         if not self._while_at(model, state.revision, move, watch=(self.keys.aliases(model),)):
             return
-        if was_production[0]:
+        # Whenever production is to_version, not only when this run moved it: a replay after a worker
+        # died between the move and this status finds the alias moved already.
+        if was_production[0] or self.registry.alias(model, "production") == int(to_version):
             self._status(model, int(to_version), "production", who, action.reason)
         self._status(model, int(action.version), "archived" if action.aborted else "rolled_back", who, action.reason)
         log.warning("rollout.rolled_back", model=model, version=action.version, to_version=to_version,
