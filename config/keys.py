@@ -52,6 +52,10 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.prefix}:deadletter:{{dlq}}"
 
+    def last_error(self, group: str, stream: str, entry_id: str) -> str:
+        """String (with a TTL): the last error handling one stream entry raised in a consumer group, for its dead letter."""
+        return f"{self.prefix}:deadletter:lasterror:{group}:{stream}:{entry_id}"
+
     # --- per model -----------------------------------------------------------------------
     def _model(self, model: str, what: str) -> str:
         return f"{self.prefix}:model:{{{model}}}:{what}"

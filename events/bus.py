@@ -121,6 +121,29 @@ end
 return n
 """
 
+# Dead-letters entries of one stream: each XADD to the dead letters, then its XACK. A refused
+# XADD (Redis out of memory under noeviction, a wrong type) stops there, before its XACK: an entry
+# is never acked without its dead letter. The refused entry and those after it stay pending.
+DEAD_LETTER = """
+-- KEYS[1]: the dead-letter stream ; KEYS[2]: the stream
+-- ARGV[1]: group ; ARGV[2]: dead-letter MAXLEN (approximate) ; ARGV[3]: time
+-- ARGV[4..]: (entry id, reason, payload) per entry
+-- returns {entries dead-lettered, the refusal or false}
+local n = 0
+for i = 4, #ARGV, 3 do
+  local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'reason', ARGV[i + 1],
+                            'payload', ARGV[i + 2], 'stream', KEYS[2], 'entry_id', ARGV[i], 'time', ARGV[3],
+                            'group', ARGV[1])
+  if type(added) == 'table' and added.err then return {n, added.err} end
+  redis.call('XACK', KEYS[2], ARGV[1], ARGV[i])
+  n = n + 1
+end
+return {n, false}
+"""
+
+LAST_ERROR_TTL_S = 7 * 86400
+"""How long the last handling error of an entry is kept for its dead letter (:meth:`StreamConsumer.reclaim`)."""
+
 # Accounts, once, for what trimming took from one group on one stream: pending entries older
 # than the first entry left (their payload is gone) and entries trimmed before they were ever
 # delivered. The second needs Redis 7+ and a group that has read before (a valid read
@@ -631,35 +654,45 @@ class StreamConsumer:
             info = self.redis.xpending_range(stream, self.group, min=items[0][0], max=items[-1][0],
                                              count=len(items) * 2 + 10, consumername=self.consumer)
             deliveries = {_s(p["message_id"]): p["times_delivered"] for p in info}
-            pipe = self.redis.pipeline(transaction=False)
-            dead = 0
+            dead: list[tuple[str, Any, str]] = []
             for entry_id, fields in items:
                 entry_id = _s(entry_id)
                 if deliveries.get(entry_id, 0) > self.max_deliveries:
                     payload = fields.get(PAYLOAD_FIELD.encode(), b"")  # kept as received
-                    self._dead_letter(stream, entry_id, payload,
-                                      f"delivered {deliveries[entry_id]} times without success", pipe=pipe)
-                    dead += 1
+                    dead.append((entry_id, payload, f"delivered {deliveries[entry_id]} times without success"))
                 else:
                     claimed.append((stream, entry_id, fields))
             if dead:
-                pipe.execute()
+                self._dead_letter_failed(stream, dead)
         self.stats.reclaimed += len(claimed)
         if claimed:
             log.info("bus.reclaimed", count=len(claimed), consumer=self.consumer)
         return claimed
 
-    def _dead_letter(self, stream: str, entry_id: str, payload: str | bytes, reason: str, pipe=None) -> None:
-        target = pipe if pipe is not None else self.redis.pipeline(transaction=True)
-        target.xadd(self.keys.dead_letters(), {
-            "reason": reason, "payload": payload, "stream": stream, "entry_id": entry_id,
-            "time": f"{time.time():.3f}", "group": self.group,
-        }, maxlen=MAX_DEAD_LETTER_LEN, approximate=True)
-        target.xack(stream, self.group, entry_id)
-        if pipe is None:
-            target.execute()
-        self.stats.dead_lettered += 1
-        log.warning("bus.dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
+    def _dead_letter_failed(self, stream: str, dead: list[tuple[str, Any, str]]) -> None:
+        """Dead-letter entries whose handling kept failing, each reason followed by the entry's last error."""
+        errors = self.redis.mget([self.keys.last_error(self.group, stream, entry_id) for entry_id, _, _ in dead])
+        dead = [(entry_id, payload, f"{reason}; last error: {_s(error)}" if error else reason)
+                for (entry_id, payload, reason), error in zip(dead, errors)]
+        written = self._dead_letter_many(stream, dead)
+        self.redis.delete(*[self.keys.last_error(self.group, stream, entry_id) for entry_id, _, _ in dead[:written]])
+
+    def _dead_letter_many(self, stream: str, dead: list[tuple[str, Any, str]]) -> int:
+        """Dead-letter ``(entry id, payload, reason)`` entries of ``stream`` and ack each (see DEAD_LETTER).
+
+        Counted and logged once written; a refusal (Redis out of memory) raises after the ones
+        written before it, and leaves the rest pending for a later try.
+        """
+        args: list[Any] = [self.group, MAX_DEAD_LETTER_LEN, f"{time.time():.3f}"]
+        for entry_id, payload, reason in dead:
+            args += (entry_id, reason, payload)
+        written, refusal = self.redis.eval(DEAD_LETTER, 2, self.keys.dead_letters(), stream, *args)
+        for entry_id, _, reason in dead[:written]:
+            log.warning("bus.dead_lettered", stream=stream, entry_id=entry_id, reason=reason)
+        self.stats.dead_lettered += written
+        if refusal:
+            raise redis.ResponseError(f"dead letter refused, entries left pending: {_s(refusal)}")
+        return written
 
     # --- handling ------------------------------------------------------------------------
     def process(self, entries: Sequence[tuple[str, Any, Any]]) -> None:
@@ -667,7 +700,7 @@ class StreamConsumer:
         self.stats.read += len(entries)
         valid: list[tuple[str, Any, CloudEvent]] = []
         append = valid.append
-        pipe = None
+        invalid: dict[str, list[tuple[str, Any, str]]] = {}
         max_bytes = self.max_event_bytes
         for stream, entry_id, fields in entries:
             # the common case inline: a raw reply's field list holding just the payload
@@ -677,12 +710,11 @@ class StreamConsumer:
                     raise EventError(f"stream entry has no '{PAYLOAD_FIELD}' field")
                 append((stream, entry_id, parse_event(raw, max_bytes=max_bytes)))
             except EventError as exc:
-                pipe = pipe or self.redis.pipeline(transaction=False)
                 # The payload as received, bytes that are not UTF-8 included: the dead letter keeps it whole.
                 kept = raw if raw is not None else json.dumps({_text(k): _text(v) for k, v in _field_dict(fields).items()})
-                self._dead_letter(stream, _s(entry_id), kept, str(exc), pipe=pipe)
-        if pipe is not None:
-            pipe.execute()
+                invalid.setdefault(stream, []).append((_s(entry_id), kept, str(exc)))
+        for stream, dead in invalid.items():
+            self._dead_letter_many(stream, dead)
         if not valid:
             return
         fresh, dupes = self._split_seen(valid)
@@ -866,6 +898,15 @@ class StreamConsumer:
                 raise
             except Exception as exc:  # noqa: BLE001
                 log.warning("bus.event_failed", event_id=item[2].id, model=item[2].subject, error=str(exc))
+                self._note_error(item[0], item[1], exc)
+
+    def _note_error(self, stream: str, entry_id: Any, exc: Exception) -> None:
+        """Keep an entry's last handling error for the dead letter it may end in (see _dead_letter_failed)."""
+        try:
+            self.redis.set(self.keys.last_error(self.group, stream, _s(entry_id)),
+                           f"{type(exc).__name__}: {exc}"[:500], ex=LAST_ERROR_TTL_S)
+        except redis.RedisError as err:  # the log line above has it anyway
+            log.warning("bus.last_error_not_kept", error=str(err))
 
 
 _gc_lock = threading.Lock()

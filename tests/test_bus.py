@@ -11,6 +11,7 @@ import time
 from datetime import datetime, timezone
 
 import pytest
+import redis
 
 from config.keys import Keys
 from events.bus import PAYLOAD_FIELD, EventBus, StreamConsumer
@@ -194,6 +195,26 @@ class TestFastDataCheck:
 
 
 class TestConsumer:
+    def test_a_dead_letter_refused_for_lack_of_memory_leaves_its_entry_pending(self, bus, redis_client, keys):
+        """Redis full (noeviction): the dead letter of a malformed entry is refused, and the entry is not acked
+        without it (an XACK is not refused when memory is full); it is dead-lettered once memory is back."""
+        bus.publish_raw("churn", b'{"not": "an event"}')
+        c = make_consumer(redis_client, keys, claim_idle_ms=1)
+        stream = keys.events_for("churn")
+        redis_client.config_set("maxmemory", 1)  # far below what it uses: every write that may grow memory is refused
+        try:
+            with pytest.raises(redis.ResponseError, match="dead letter refused"):
+                c.poll(block_ms=10)
+        finally:
+            redis_client.config_set("maxmemory", 0)
+        assert redis_client.xpending(stream, "g")["pending"] == 1 and bus.dead_letters() == []
+        assert c.stats.dead_lettered == 0
+        time.sleep(0.01)
+        c.poll(block_ms=10)  # reclaims its own pending entry
+        [letter] = bus.dead_letters()
+        assert letter["payload"] == '{"not": "an event"}' and redis_client.xpending(stream, "g")["pending"] == 0
+        assert c.stats.dead_lettered == 1
+
     def test_raw_garbage_in_the_stream_is_dead_lettered_and_consumption_continues(self, bus, redis_client, keys):
         """Invalid entries injected straight into the stream go to the dead-letter stream with the reason."""
         bus.publish_raw("churn", "{broken")
@@ -351,8 +372,10 @@ class TestConsumer:
         assert committed == [fine.id]  # told once, after its own commit; the failed batch told nothing
         letters = bus.dead_letters()
         assert len(letters) == 1 and "delivered 4 times" in letters[0]["reason"]
+        assert letters[0]["reason"].endswith("; last error: RuntimeError: cannot handle 13")  # why, not just how often
         assert parse_event(letters[0]["payload"]).id == poison.id
         assert redis_client.xpending(keys.events_for("m"), "g")["pending"] == 0
+        assert redis_client.keys(keys.last_error("*", "*", "*")) == []  # kept until the dead letter, then gone
 
     def test_restarted_consumer_with_its_own_poison_entry_keeps_handling_new_events(self, bus, redis_client, keys):
         """Restarted under the same name with a poison entry of its own pending, a consumer handles new events and dead-letters the poison entry after max_deliveries."""
