@@ -162,6 +162,26 @@ class TestValidate:
         result = validate_for_policy(first, policy, None)
         assert [(p.check, p.column) for p in result.problems] == [("null_rate", "a")]
 
+    def test_infinite_values_are_refused_and_never_widen_the_recorded_range(self):
+        """An inf in a feature or a regression target is a problem, also for a first model (no schema); the profile's
+        range is of the finite values, so one inf that got into training data does not switch range checks off."""
+        policy = _policy()
+        first = make_frame("binary", 300, seed=1)
+        first.loc[first.index[:3], "a"] = np.inf
+        result = validate_for_policy(first, policy, None)
+        assert [(p.check, p.column) for p in result.problems] == [("non_finite", "a")]
+        assert "3 infinite values" in result.problems[0].detail
+        schema = profile_frame(first, "target", "binary", time_column="timestamp")
+        assert np.isfinite(schema.columns["a"].max)
+        later = make_frame("binary", 300, seed=2)
+        later["a"] = 1e12
+        assert ("value_range", "a") in {(p.check, p.column) for p in validate_for_policy(later, policy, schema).problems}
+        reg = make_frame("regression", 300, seed=1)
+        reg.loc[reg.index[:2], "target"] = -np.inf
+        problems = validate_for_policy(reg, _policy("regression"), None).problems
+        assert [(p.check, p.detail) for p in problems] == [("label", "regression target has 2 infinite values")]
+        assert np.isfinite(profile_frame(reg, "target", "regression").target_max)
+
     def test_schema_round_trips_through_json(self):
         """The recorded training schema survives to_dict -> JSON -> from_dict unchanged."""
         schema = profile_frame(make_frame("regression", 200, seed=0), "target", "regression", time_column="timestamp")

@@ -182,6 +182,16 @@ def _label_distribution(y: pd.Series) -> dict[str, float]:
     return {str(k): float(v) for k, v in shares.items()}
 
 
+def _finite(values: pd.Series) -> pd.Series:
+    """The finite values of a numeric column (or target), as floats."""
+    numbers = pd.to_numeric(values, errors="coerce").astype(float)
+    return numbers[np.isfinite(numbers)]
+
+
+def _infinite_count(values: pd.Series) -> int:
+    return int(np.isinf(pd.to_numeric(values, errors="coerce").astype(float)).sum())
+
+
 def _profile_column(series: pd.Series, categorical: Iterable[str]) -> ColumnProfile:
     kind = column_kind(series, categorical)
     null_rate = float(series.isna().mean()) if len(series) else 0.0
@@ -189,7 +199,9 @@ def _profile_column(series: pd.Series, categorical: Iterable[str]) -> ColumnProf
     cats = None
     values = series.dropna()
     if kind == "numeric" and len(values):
-        lo, hi = float(values.min()), float(values.max())
+        finite = _finite(values)  # an infinite value (refused by validation) must not widen the range for good
+        if len(finite):
+            lo, hi = float(finite.min()), float(finite.max())
     elif kind in ("categorical", "boolean"):
         uniq = pd.unique(values.map(str)) if len(values) else []
         if len(uniq) <= MAX_CATEGORIES:
@@ -222,7 +234,7 @@ def profile_frame(
     columns = {c: _profile_column(frame[c], categorical) for c in cols if c in frame.columns}
     y = frame[target] if target in frame.columns else pd.Series([], dtype=float)
     if task == "regression":
-        yv = pd.to_numeric(y, errors="coerce").dropna()
+        yv = _finite(y.dropna())
         return TrainingSchema(
             target, task, int(len(frame)), columns, {},
             float(yv.min()) if len(yv) else None, float(yv.max()) if len(yv) else None,
@@ -245,6 +257,8 @@ def _check_label(y: pd.Series, task: str, schema: TrainingSchema | None, max_nul
         numeric = pd.to_numeric(values, errors="coerce")
         if numeric.isna().any():
             out.problems.append(Problem("label", "regression target has non-numeric values", name))
+        elif n_inf := _infinite_count(numeric):
+            out.problems.append(Problem("label", f"regression target has {n_inf} infinite values", name))
         elif numeric.nunique() < 2:
             out.problems.append(Problem("label", "regression target is constant", name))
         return
@@ -379,8 +393,11 @@ def validate_frame(
             continue
         if null_rate > max_null_rate:
             out.problems.append(Problem("null_rate", f"null rate {null_rate:.1%} above {max_null_rate:.1%}", col))
+        kind = column_kind(series, categorical)
+        if kind == "numeric" and (n_inf := _infinite_count(series)):
+            out.problems.append(Problem("non_finite", f"{n_inf} infinite values (a division by zero upstream?)", col))
         if schema is not None and col in schema.columns:
-            _check_against_profile(series, column_kind(series, categorical), schema.columns[col], max_null_rate_increase, out)
+            _check_against_profile(series, kind, schema.columns[col], max_null_rate_increase, out)
     return out
 
 
