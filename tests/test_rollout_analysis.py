@@ -212,6 +212,15 @@ class TestVerdicts:
         assert a.verdict == "rollback" and any(r.startswith("latency_p99") for r in a.reasons)
         assert a.metrics["latency_p99_ratio"] == pytest.approx(3.0, rel=0.2)
 
+    def test_shadow_latency_is_shown_but_not_judged(self):
+        """In shadow the candidate answers mirrored requests at idle CPU priority, so its p99 is not comparable with
+        production's: three times production's p99 is reported, does not roll back, and the phase still advances."""
+        prod, cand = arm("1", 2000, labeled=1000, p99=20, seed=1), arm("2", 2000, labeled=1000, p99=60, seed=2)
+        a = analyze_phase(SHADOW, CFG, prod, cand, pairs(2000, 0.95), elapsed=SHADOW.min_duration)
+        latency = {c.name: c for c in a.checks}["latency_p99"]
+        assert latency.status == "skipped" and "not judged in shadow" in latency.reason
+        assert a.metrics["latency_p99_ratio"] == pytest.approx(3.0, rel=0.2) and a.verdict == "advance"
+
     def test_rollback_on_rising_errors(self):
         """A candidate erroring on 10 % of requests against production's 0.1 % is rolled back."""
         prod = arm("1", 4000, errors=4, labeled=2000)

@@ -681,9 +681,16 @@ def analyze_phase(
     labels_p = production.merge(prior_p) if prior_p is not None else production
     labels_c = candidate.merge(prior_c) if prior_c is not None else candidate
 
+    latency = check_latency(base_latency, candidate, cfg)
+    if shadow and latency.status != "skipped":
+        # The shadow answers in a background process at idle CPU priority, timed as wall time there:
+        # an identical model measures ~1.6x production's p99 (more on a busy host). Shown, not judged;
+        # latency is judged from the first phase that serves traffic.
+        latency = replace(latency, status="skipped",
+                          reason=f"{latency.reason}; not judged in shadow (mirrored answers run at idle priority)")
     checks = [
         check_error_rate(base_errors, candidate, cfg),
-        check_latency(base_latency, candidate, cfg),
+        latency,
         check_score_shift(production, candidate, cfg),
         check_agreement(pairs, cfg, required=shadow),
         ACCURACY_TESTS[accuracy_test](labels_p, labels_c, cfg, phase.min_labeled > 0),
