@@ -134,6 +134,10 @@ class Keys:
     def alerts(self, model: str) -> str:
         return self._model(model, "alerts")
 
+    def alert_sent(self, alert_id: str) -> str:
+        """String (with a TTL): an alert's webhook is being sent or was sent ("sending" / "sent")."""
+        return f"{self.prefix}:alert:sent:{alert_id}"
+
     def lock(self, model: str, name: str) -> str:
         return self._model(model, f"lock:{name}")
 

@@ -149,6 +149,50 @@ class TestAlerts:
         assert ids == {"p-1:alert.raised:train", "p-2:alert.raised:train"}
 
 
+    def test_a_webhook_skipped_by_a_failed_run_is_sent_by_the_re_run(self, redis_client, keys, settings):
+        """A run that records the alert, then fails to publish it (the broker hiccups) never posted; its re-run (same
+        alert id) finds the alert recorded and still posts the webhook, once. A failed POST is retried the same way."""
+        from workers.alerts import raise_alert
+
+        server = HTTPServer(("127.0.0.1", 0), _Hook)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        real = EventBus.from_settings(redis_client, settings)
+
+        class Hiccup:
+            calls = 0
+
+            def publish(self, event):
+                Hiccup.calls += 1
+                if Hiccup.calls == 1:
+                    raise ConnectionError("connection reset by peer")
+                return real.publish(event)
+
+        try:
+            _Hook.received.clear()
+            with pytest.raises(ConnectionError):
+                raise_alert(redis_client, keys, Hiccup(), "churn", "critical", "pipeline failed", "disk full",
+                            webhook_url=url, event_id="p-9:alert.raised:train")
+            assert _Hook.received == []
+            raise_alert(redis_client, keys, Hiccup(), "churn", "critical", "pipeline failed", "disk full",
+                        webhook_url=url, event_id="p-9:alert.raised:train")
+            wait_for(lambda: _Hook.received, timeout=5, message="the re-run's webhook call")
+            wait_for(lambda: redis_client.get(keys.alert_sent("p-9:alert.raised:train")) == b"sent", timeout=5)
+            raise_alert(redis_client, keys, Hiccup(), "churn", "critical", "pipeline failed", "disk full",
+                        webhook_url=url, event_id="p-9:alert.raised:train")
+            time.sleep(0.3)
+            assert len(_Hook.received) == 1
+            down = "http://127.0.0.1:9/hook"  # nothing listens: the POST fails and the claim is dropped
+            raise_alert(redis_client, keys, Hiccup(), "churn", "critical", "rollout stuck", webhook_url=down,
+                        event_id="p-10:alert.raised:rollout")
+            wait_for(lambda: redis_client.get(keys.alert_sent("p-10:alert.raised:rollout")) is None, timeout=10)
+            raise_alert(redis_client, keys, Hiccup(), "churn", "critical", "rollout stuck", webhook_url=url,
+                        event_id="p-10:alert.raised:rollout")
+            wait_for(lambda: len(_Hook.received) == 2, timeout=5, message="the retried webhook call")
+        finally:
+            server.shutdown()
+
+
 SLOW_POLICY_PATCH = {
     'estimator = "sklearn.linear_model.LogisticRegression"': 'estimator = "sklearn.ensemble.RandomForestClassifier"',
     'params = {{ max_iter = 200 }}': 'params = {{ n_estimators = 300, random_state = 0 }}',

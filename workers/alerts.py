@@ -4,17 +4,21 @@ The webhook body is JSON with a Slack-compatible ``text`` field plus the structu
 Its URL comes from ``RETRAIN_ALERT_WEBHOOK_URL`` (a secret: never logged).
 
 An alert with a deterministic id (``event_id``: what a re-run of the same task or a replay of the
-same outbox would raise again) is recorded and sent once: the second time the id is found among
-the model's recent alerts, and neither the list push nor the webhook is repeated (the event is
-published again with the same id, which the bus consumers de-duplicate).
+same outbox would raise again) is recorded once: the second time the id is found among the
+model's recent alerts and the list push is not repeated (the event is published again with the
+same id, which the bus consumers de-duplicate). Its webhook is sent at least once and, short of
+a crash mid-post, once: a run claims the sending, marks it sent after the POST succeeded, and
+drops the claim when it failed, so a re-run after a failure (before or during the POST) sends it.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
+import redis
 import structlog
 
 from config.keys import Keys
@@ -24,6 +28,10 @@ log = structlog.get_logger(__name__)
 
 ALERTS_KEPT = 100
 WEBHOOK_TIMEOUT_S = 3.0
+SENDING_CLAIM_S = 60
+"""A run's claim to post an alert's webhook; a run that died mid-post leaves it to expire."""
+SENT_KEPT_S = 30 * 86400
+"""How long an alert id is remembered as sent."""
 
 
 def alert_event(model: str, severity: str, title: str, message: str = "", *, event_id: str | None = None,
@@ -62,8 +70,12 @@ def record_alert_once(client, keys: Keys, event) -> bool:
     return bool(script(keys=[keys.alerts(event.subject)], args=[event.id, event.to_json(), ALERTS_KEPT]))
 
 
-def notify_webhook(event, url: str | None, *, background: bool = True) -> None:
-    """POST the alert to the webhook (Slack-compatible ``text``); failures are logged, not raised."""
+def notify_webhook(event, url: str | None, *, background: bool = True,
+                   on_done: Callable[[bool], None] | None = None) -> None:
+    """POST the alert to the webhook (Slack-compatible ``text``); failures are logged, not raised.
+
+    ``on_done(sent)`` is called after the attempt, with whether the webhook accepted it.
+    """
     if not url:
         return
     data = event.data
@@ -76,10 +88,14 @@ def notify_webhook(event, url: str | None, *, background: bool = True) -> None:
     def _post() -> None:
         import httpx
 
+        sent = False
         try:
             httpx.post(url, json=body, timeout=WEBHOOK_TIMEOUT_S).raise_for_status()
+            sent = True
         except Exception as exc:  # noqa: BLE001 - an alert channel outage must not stop the system
             log.warning("alert.webhook_failed", model=event.subject, error=type(exc).__name__)
+        if on_done is not None:
+            on_done(sent)
 
     if background:
         threading.Thread(target=_post, daemon=True).start()
@@ -87,14 +103,39 @@ def notify_webhook(event, url: str | None, *, background: bool = True) -> None:
         _post()
 
 
+def notify_once(client, keys: Keys, event, url: str | None, *, background: bool = True) -> bool:
+    """Send the alert's webhook unless it was sent, or is being sent, already; return whether this call sends it.
+
+    See the module docstring: the claim becomes "sent" after a successful POST and is dropped after
+    a failed one, so a later run with the same alert id tries again.
+    """
+    if not url:
+        return False
+    key = keys.alert_sent(event.id)
+    if not client.set(key, "sending", nx=True, ex=SENDING_CLAIM_S):
+        return False
+
+    def done(sent: bool) -> None:
+        try:
+            if sent:
+                client.set(key, "sent", ex=SENT_KEPT_S)
+            else:
+                client.delete(key)
+        except redis.RedisError as exc:  # the claim expires: a later run may send it again
+            log.warning("alert.webhook_mark_failed", model=event.subject, error=type(exc).__name__)
+
+    notify_webhook(event, url, background=background, on_done=done)
+    return True
+
+
 def raise_alert(client, keys: Keys, bus, model: str, severity: str, title: str, message: str = "",
                 *, webhook_url: str | None = None, event_id: str | None = None, **context: Any):
     """Log, record, publish and (optionally) send one alert; return the event.
 
     With ``event_id`` (a key the caller derives from what it alerts about, e.g. pipeline id and
-    step) raising the same alert again records nothing and posts no webhook; the event is
-    published again under the same id (consumers de-duplicate it), so a run that died between
-    recording and publishing still gets it out.
+    step) raising the same alert again records nothing and posts the webhook only if no run has
+    sent it yet (:func:`notify_once`); the event is published again under the same id (consumers
+    de-duplicate it), so a run that died between recording and publishing still gets it out.
     """
     event = alert_event(model, severity, title, message, event_id=event_id, **context)
     first = record_alert_once(client, keys, event)
@@ -103,8 +144,7 @@ def raise_alert(client, keys: Keys, bus, model: str, severity: str, title: str, 
     else:
         log.info("alert.already_raised", model=model, alert_id=event.id, title=title)
     bus.publish(event)
-    if first:
-        notify_webhook(event, webhook_url)
+    notify_once(client, keys, event, webhook_url)
     return event
 
 

@@ -34,7 +34,7 @@ from config.keys import Keys
 from config.policy import RolloutSection
 from events.bus import EventBus
 from events.envelope import new_event
-from workers.alerts import notify_webhook, record_alert_once
+from workers.alerts import notify_once, record_alert_once
 from workers.registry.store import Registry
 from workers.rollout import machine
 from workers.rollout.analysis import shadow_pairs, summarize
@@ -311,9 +311,10 @@ class RolloutControl:
         event = new_event(action.type, model, data, source=SOURCE, id=f"{model}:rollout:{state.candidate}:{state.revision}:{index}")
         self.bus.publish(event)
         # The id is fixed by the transition (model, candidate, revision, action index): a replay of
-        # the same outbox finds the alert already recorded and neither records nor posts it again.
-        if action.type == "alert.raised" and record_alert_once(self.redis, self.keys, event):
-            notify_webhook(event, self.webhook_url)
+        # the same outbox finds the alert already recorded, and posts it only if no run sent it yet.
+        if action.type == "alert.raised":
+            record_alert_once(self.redis, self.keys, event)
+            notify_once(self.redis, self.keys, event, self.webhook_url)
 
     # --- operations ----------------------------------------------------------------------
     def begin(self, model: str, candidate: int, *, pipeline_id: str = "", who: str = "system",
