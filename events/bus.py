@@ -487,6 +487,7 @@ class StreamConsumer:
         self.stats = ConsumerStats()
         # Same connections, no response callbacks: raw replies for the hot read path.
         self._raw = raw_client(client)
+        self._once = once_client(client)  # commits: never re-sent after a lost reply
         self._shard_of: dict[str, int] = {}
         self._stopping = False
         self._last_claim = 0.0
@@ -804,7 +805,7 @@ class StreamConsumer:
         the acks leaves entries pending that are marked seen: redelivered, they are acked as
         duplicates.
         """
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self._once.pipeline(transaction=True)
         events = [e for _, _, e in fresh]
         if events:
             try:
@@ -947,6 +948,25 @@ def gc_paused() -> Iterator[None]:
                 collect = True
         if collect:
             gc.collect()
+
+
+def once_client(client: redis.Redis) -> redis.Redis:
+    """A client with ``client``'s connection settings, on a pool of its own, that never re-sends a command.
+
+    redis-py retries a command, a whole MULTI/EXEC included, after a connection error when the
+    client was built with a retry policy (``redis.Redis(host=...)`` has one by default), also when
+    the error came after the server ran the EXEC and only its reply was lost: the effects would
+    apply twice. The bus commits a batch through this client instead, so such an error reaches it:
+    the entries stay pending, and redelivered they find their seen marks and are acked as
+    duplicates.
+    """
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    pool = client.connection_pool
+    kwargs = {**pool.connection_kwargs, "retry": Retry(NoBackoff(), 0), "retry_on_error": []}
+    kwargs.pop("retry_on_timeout", None)
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=pool.connection_class, **kwargs))
 
 
 def raw_client(client: redis.Redis) -> redis.Redis:

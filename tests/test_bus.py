@@ -59,6 +59,63 @@ def make_consumer(client, keys, name="c1", handler=effect_handler, **kw):
     return c
 
 
+class ExecReplyCutter:
+    """A TCP proxy to Redis that, once armed, passes the next EXEC on, swallows its reply and cuts the client off:
+    the server ran the transaction, the client never hears so."""
+
+    def __init__(self, port: int):
+        import socket
+        import threading
+
+        self.armed = False
+        self.cut = 0
+        self._target = port
+        self._listen = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listen.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listen.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self._target))
+            exec_sent = threading.Event()
+
+            def up(client=client, server=server, exec_sent=exec_sent):
+                try:
+                    while data := client.recv(65536):
+                        if self.armed and b"EXEC" in data:  # before sending: the reply must not slip through
+                            self.armed = False
+                            exec_sent.set()
+                        server.sendall(data)
+                except OSError:
+                    pass
+
+            def down(client=client, server=server, exec_sent=exec_sent, socket=socket):
+                try:
+                    while data := server.recv(65536):
+                        if exec_sent.is_set():
+                            self.cut += 1
+                            client.shutdown(socket.SHUT_RDWR)  # close() alone waits for the other thread's recv
+                            client.close()
+                            server.close()
+                            return
+                        client.sendall(data)
+                except OSError:
+                    pass
+
+            threading.Thread(target=up, daemon=True).start()
+            threading.Thread(target=down, daemon=True).start()
+
+    def close(self) -> None:
+        self._listen.close()
+
+
 def drain(consumer, rounds=20):
     for _ in range(rounds):
         if consumer.poll(block_ms=10) == 0:
@@ -195,6 +252,28 @@ class TestFastDataCheck:
 
 
 class TestConsumer:
+    def test_a_commit_whose_reply_is_lost_is_not_sent_again(self, bus, redis_client, redis_server, keys):
+        """The connection drops after the server ran a batch's EXEC, before its reply: a client with redis-py's default
+        retry policy would send the whole transaction again and apply the effects twice. The bus commits without
+        re-sending: the entry stays pending, and redelivered it is acked as a duplicate; one effect."""
+        cutter = ExecReplyCutter(int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+        try:
+            through = redis.Redis(host="127.0.0.1", port=cutter.port)  # default options: retries on connection errors
+            assert through.connection_pool.get_connection().retry._retries > 0
+            c = make_consumer(through, keys, claim_idle_ms=1)
+            event = new_event("volume.accumulated", "churn", {"new_samples": 5})
+            bus.publish(event)
+            cutter.armed = True
+            with pytest.raises(redis.ConnectionError):
+                c.poll(block_ms=10)
+            assert cutter.cut == 1 and redis_client.hget(EFFECTS, event.id) == b"1"
+            time.sleep(0.01)
+            drain(c)
+            assert redis_client.hget(EFFECTS, event.id) == b"1"
+            assert redis_client.xpending(keys.events_for("churn"), "g")["pending"] == 0 and c.stats.duplicates == 1
+        finally:
+            cutter.close()
+
     def test_a_dead_letter_refused_for_lack_of_memory_leaves_its_entry_pending(self, bus, redis_client, keys):
         """Redis full (noeviction): the dead letter of a malformed entry is refused, and the entry is not acked
         without it (an XACK is not refused when memory is full); it is dead-lettered once memory is back."""
