@@ -182,6 +182,18 @@ class TestValidate:
         assert [(p.check, p.detail) for p in problems] == [("label", "regression target has 2 infinite values")]
         assert np.isfinite(profile_frame(reg, "target", "regression").target_max)
 
+    def test_a_column_of_lists_is_a_validation_problem_not_a_crash(self):
+        """Nested values (a Parquet list column) are reported by validation, and the data window's fingerprint (taken
+        for lineage before the result is looked at) still works."""
+        from workers.training.data import frame_fingerprint
+
+        frame = make_frame("binary", 300, seed=1)
+        frame["tags"] = [np.array([i, i + 1]) for i in range(len(frame))]
+        problems = validate_for_policy(frame, _policy(), None).problems
+        assert [(p.check, p.column) for p in problems] == [("dtypes", "tags")]
+        assert "300 values are lists" in problems[0].detail
+        assert len(frame_fingerprint(frame)) == 64 and frame_fingerprint(frame) != frame_fingerprint(frame.iloc[1:])
+
     def test_schema_round_trips_through_json(self):
         """The recorded training schema survives to_dict -> JSON -> from_dict unchanged."""
         schema = profile_frame(make_frame("regression", 200, seed=0), "target", "regression", time_column="timestamp")

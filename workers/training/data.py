@@ -330,6 +330,11 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
     h = hashlib.sha256()
     h.update(repr([(str(c), str(t)) for c, t in frame.dtypes.items()]).encode())
     if len(frame):
-        h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+        try:
+            hashed = pd.util.hash_pandas_object(frame, index=False)
+        except TypeError:  # nested values (lists, arrays) are not hashable: hashed by their text
+            nested = {c: str for c in frame.columns if frame[c].dtype == object}
+            hashed = pd.util.hash_pandas_object(frame.astype(nested), index=False)
+        h.update(hashed.to_numpy().tobytes())
     return h.hexdigest()
 

@@ -192,6 +192,10 @@ def _infinite_count(values: pd.Series) -> int:
     return int(np.isinf(pd.to_numeric(values, errors="coerce").astype(float)).sum())
 
 
+def _nested_count(series: pd.Series) -> int:
+    return int(series.map(lambda v: isinstance(v, (list, tuple, dict, set, np.ndarray))).sum())
+
+
 def _profile_column(series: pd.Series, categorical: Iterable[str]) -> ColumnProfile:
     kind = column_kind(series, categorical)
     null_rate = float(series.isna().mean()) if len(series) else 0.0
@@ -394,6 +398,10 @@ def validate_frame(
         if null_rate > max_null_rate:
             out.problems.append(Problem("null_rate", f"null rate {null_rate:.1%} above {max_null_rate:.1%}", col))
         kind = column_kind(series, categorical)
+        if series.dtype == object and (nested := _nested_count(series)):
+            out.problems.append(Problem("dtypes", f"{nested} values are lists, arrays or mappings, not a feature "
+                                                  "the model can use", col))
+            continue
         if kind == "numeric" and (n_inf := _infinite_count(series)):
             out.problems.append(Problem("non_finite", f"{n_inf} infinite values (a division by zero upstream?)", col))
         if schema is not None and col in schema.columns:
