@@ -92,6 +92,10 @@ class Keys:
     def step_done(self, model: str, pipeline_id: str, step: str) -> str:
         return self._model(model, f"pipeline:{pipeline_id}:{step}")
 
+    def step_lease(self, model: str, pipeline_id: str, step: str) -> str:
+        """String (with a TTL, renewed): the run of a pipeline step that holds it ("host:pid:nonce")."""
+        return self._model(model, f"pipeline:{pipeline_id}:{step}:lease")
+
     def step_deliveries(self, model: str, pipeline_id: str, step: str) -> str:
         """Counter: starts of a pipeline step that never came back (a lost worker); deleted when the step succeeds."""
         return self._model(model, f"pipeline:{pipeline_id}:{step}:deliveries")

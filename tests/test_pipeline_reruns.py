@@ -182,6 +182,65 @@ def build_an_estimator_that_kills_its_worker(**params):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TestOneRunAtATime:
+    def test_two_deliveries_of_a_step_never_run_it_at_once(self, pipeline_env, redis_client, keys):
+        """A second delivery of train while the first runs is turned away (StepBusy: its task retries later); once the
+        first is done, the second gets its output, and the artifact on disk is the one whose hash was stored."""
+        import threading
+
+        from workers.pipeline.lease import StepBusy
+        from workers.registry.artifacts import sha256_hex
+
+        policy = pipeline_env()
+        policy.write_text(policy.read_text().replace(  # a fit of a second or so: time for the second delivery
+            'estimator = "sklearn.linear_model.LogisticRegression"', 'estimator = "sklearn.ensemble.RandomForestClassifier"'
+        ).replace("params = { max_iter = 200 }", "params = { n_estimators = 300, random_state = 0 }"
+                  ).replace("space = { C = [0.1, 1.0] }", "space = { max_depth = [12] }"))
+        out = steps.run_step("validate_data", context("p-7"))
+        first: dict = {}
+        runner = threading.Thread(target=lambda: first.update(steps.run_step("train", out)))
+        runner.start()
+        lease = keys.step_lease(MODEL, "p-7", "train")
+        wait_for(lambda: redis_client.exists(lease), timeout=30, interval=0.002, message="the first run's lease")
+        with pytest.raises(StepBusy):  # the second delivery does not start while the first trains
+            steps.run_step("train", out)
+        assert not first
+        runner.join(120)
+        assert first and not redis_client.exists(lease)
+        again = steps.run_step("train", out)
+        assert again == first
+        path = again["artifact_uri"].removeprefix("file://")
+        assert sha256_hex(open(path, "rb").read()) == again["sha256"]
+
+    def test_the_lease_is_renewed_and_a_dead_holder_on_this_host_is_taken_over(self, redis_client, keys):
+        """A lease outlives its TTL while its run goes on; a holder process of this host that is gone is replaced at
+        once; one on another host is waited for."""
+        import socket
+        import subprocess
+        import sys
+        import time
+
+        from workers.pipeline.lease import StepBusy, StepLease
+
+        key = keys.step_lease(MODEL, "p-8", "train")
+        with StepLease(redis_client, key, lease_s=0.3) as held:
+            time.sleep(1.0)  # three TTLs
+            assert redis_client.get(key).decode() == held.token
+            with pytest.raises(StepBusy):
+                with StepLease(redis_client, key):
+                    pass
+        assert not redis_client.exists(key)
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        redis_client.set(key, f"{socket.gethostname()}:{gone.pid}:dead", px=30_000)
+        with StepLease(redis_client, key) as taken:
+            assert redis_client.get(key).decode() == taken.token
+        redis_client.set(key, "another-host:1:alive", px=30_000)
+        with pytest.raises(StepBusy, match="another-host"):
+            with StepLease(redis_client, key):
+                pass
+
+
 class TestWorkerLostEveryTime:
     @pytest.mark.slow
     def test_a_step_whose_worker_dies_every_time_fails_the_pipeline(self, start_worker, redis_client, keys, settings,

@@ -111,16 +111,30 @@ class _Env:
 def run_step(step: str, ctx: dict[str, Any]) -> dict[str, Any]:
     """Run one step, or return its stored output if it already ran.
 
-    A step whose last MAX_STEP_STARTS starts all died with their process raises
-    WorkerLostTooOften instead of running again: the task fails (and is acked), so the chain's failure handler records
-    the pipeline as failed, emits ``training.failed``, alerts and frees the slot.
+    Two deliveries of one step never run it at once: the second raises
+    :class:`workers.pipeline.lease.StepBusy` (its task retries later). A step whose last
+    MAX_STEP_STARTS starts all died with their process raises WorkerLostTooOften instead of running
+    again: the task fails (and is acked), so the chain's failure handler records the pipeline as
+    failed, emits ``training.failed``, alerts and frees the slot.
     """
+    from workers.pipeline.lease import StepLease
+
     env = _Env()
     done_key = env.keys.step_done(ctx["model"], ctx["pipeline_id"], step)
     stored = env.redis.get(done_key)
-    if stored is not None:
-        log.info("pipeline.step_already_done", step=step)
-        return json.loads(stored)
+    if stored is None:
+        # One run at a time (StepBusy: another delivery is running it); looked up again under the lease,
+        # in case that run finished in between.
+        with StepLease(env.redis, env.keys.step_lease(ctx["model"], ctx["pipeline_id"], step)):
+            stored = env.redis.get(done_key)
+            if stored is None:
+                return _run_once(env, step, ctx, done_key)
+    log.info("pipeline.step_already_done", step=step)
+    return json.loads(stored)
+
+
+def _run_once(env: "_Env", step: str, ctx: dict[str, Any], done_key: str) -> dict[str, Any]:
+    """Run the step (holding its lease), store its output, count the start (see run_step)."""
     starts_key = env.keys.step_deliveries(ctx["model"], ctx["pipeline_id"], step)
     pipe = env.redis.pipeline(transaction=True)
     pipe.incr(starts_key)

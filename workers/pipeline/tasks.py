@@ -22,6 +22,8 @@ log = structlog.get_logger(__name__)
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ConnectionError, TimeoutError, OperationalError)
 """Retried with backoff. ``OperationalError``: the broker refused a publish (the first step sending the rest)."""
+STEP_BUSY_RETRY_S = 10
+"""A delivery that finds its step running elsewhere retries after this long (without a retry limit)."""
 STEP_OPTIONS: dict[str, Any] = {
     **PIPELINE_TASK_OPTIONS,
     "autoretry_for": TRANSIENT,
@@ -39,8 +41,13 @@ def _run(task, step: str, ctx: dict[str, Any]) -> dict[str, Any]:
 
     structlog.contextvars.bind_contextvars(model=ctx["model"], pipeline_id=ctx["pipeline_id"],
                                            decision_id=ctx.get("decision_id"), task_id=task.request.id, step=step)
+    from workers.pipeline.lease import StepBusy
+
     try:
         return run_step(step, ctx)
+    except StepBusy as busy:  # another delivery is running this step: look again later, as often as it takes
+        log.info("pipeline.step_busy", step=step, retry_in_s=STEP_BUSY_RETRY_S)
+        raise task.retry(exc=busy, countdown=STEP_BUSY_RETRY_S, max_retries=None) from None
     finally:
         structlog.contextvars.clear_contextvars()
 
