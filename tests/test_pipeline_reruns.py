@@ -241,6 +241,23 @@ class TestOneRunAtATime:
                 pass
 
 
+    @pytest.mark.slow
+    def test_a_delivery_that_finds_its_step_running_elsewhere_retries_until_it_can(self, start_worker, redis_client,
+                                                                                   keys, tmp_path):
+        """On a real worker: validate_data's lease is held by a run on another host (3 s left); the task does not run
+        the step, retries (STEP_BUSY_RETRY_S later), and then runs it."""
+        from workers.pipeline.tasks import STEP_BUSY_RETRY_S, validate_data
+
+        worker = start_worker("all", env=setup_model(tmp_path))
+        lease = keys.step_lease(MODEL, "p-busy", "validate_data")
+        redis_client.set(lease, "another-host:1:busy", px=3000)
+        validate_data.apply_async((context("p-busy"),), task_id="p-busy.validate_data", queue="training.high")
+        wait_for(lambda: "pipeline.step_busy" in worker.log(), timeout=30, message="the busy delivery")
+        assert not redis_client.exists(keys.step_done(MODEL, "p-busy", "validate_data"))
+        wait_for(lambda: redis_client.exists(keys.step_done(MODEL, "p-busy", "validate_data")),
+                 timeout=STEP_BUSY_RETRY_S + 30, message=f"the retried step (log {worker.log_path})")
+
+
 class TestWorkerLostEveryTime:
     @pytest.mark.slow
     def test_a_step_whose_worker_dies_every_time_fails_the_pipeline(self, start_worker, redis_client, keys, settings,
