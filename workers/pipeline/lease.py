@@ -22,8 +22,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 LEASE_S = 30.0
-"""A lease not renewed for this long is free (its holder died)."""
-RENEW_EVERY_S = LEASE_S / 3
+"""A lease not renewed for this long is free (its holder died); it is renewed every third of that."""
 
 # KEYS[1] lease ; ARGV: token, ttl ms, holder to take over ('' = none)
 _TAKE = """
