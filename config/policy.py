@@ -65,8 +65,8 @@ class TriggersSection(_Section):
     # Ours.
     schedule: str = ""
     """Optional cron ("0 3 * * *") or interval ("24h") that emits ``schedule.tick`` events."""
-    drift_persistence_k: int = Field(1, ge=1)
-    drift_persistence_n: int = Field(1, ge=1)
+    drift_persistence_k: int = Field(1, ge=1, le=50)
+    drift_persistence_n: int = Field(1, ge=1, le=50)  # the decision worker keeps the last 50 drift scores
     """Fire data drift only when it held in k of the last n observations (1 of 1 = off)."""
     min_labeled_samples: int = Field(0, ge=0)
     """Ignore a performance drop measured on fewer labeled samples than this."""

@@ -252,6 +252,13 @@ class TestPerformanceDrop:
         result = decide(make_policy(performance_drop_threshold=0)).trigger("performance_drop")
         assert not result.triggered and result.value == 0
 
+    def test_a_measurement_without_a_known_baseline_is_not_judged(self):
+        """When the worker knows of no baseline (none in the event, none among the production model's metrics) the
+        drop is not judged against the seed's default 1.0, and the reason says so."""
+        result = decide(make_policy(performance_drop_threshold=0.05), current_accuracy=0.5,
+                        baseline_unknown=True).trigger("performance_drop")
+        assert not result.triggered and result.value is None and "no baseline" in result.reason
+
 
 class TestDataVolume:
     def test_fires_at_exactly_threshold(self):
@@ -275,6 +282,13 @@ class TestConceptDrift:
     def test_absent_measurement_does_not_fire(self):
         """Without a concept-drift value the trigger stays silent."""
         assert not decide(make_policy(concept_drift_threshold=0)).trigger("concept_drift").triggered
+
+    def test_a_measurement_in_the_other_metric_is_not_judged(self):
+        """A JS value is not compared with a PSI threshold (nor named PSI); the policy's own metric is judged."""
+        pol = make_policy(concept_drift_threshold=0.2)
+        result = decide(pol, concept_drift=0.25, concept_drift_metric="js").trigger("concept_drift")
+        assert not result.triggered and "JS 0.250 not judged" in result.reason and "PSI" in result.reason
+        assert decide(pol, concept_drift=0.25, concept_drift_metric="psi").trigger("concept_drift").triggered
 
 
 class TestUpstreamChange:
@@ -380,6 +394,14 @@ class TestPersistence:
     def test_current_score_must_exceed(self):
         """Drift that held before but is gone now does not fire."""
         assert not decide(self.POLICY, drift_history=(0.2, 0.2, 0.1)).trigger("data_drift").triggered
+
+    def test_a_window_longer_than_the_kept_history_is_refused(self):
+        """The decision worker keeps the last 50 drift scores: a policy asking for more could never fire."""
+        from config.policy import PolicyError
+
+        with pytest.raises((PolicyError, ValueError), match="drift_persistence_n"):
+            make_policy(drift_persistence_k=60, drift_persistence_n=100)
+        assert make_policy(drift_persistence_k=50, drift_persistence_n=50).triggers.drift_persistence_n == 50
 
     def test_history_must_end_with_current_score(self):
         """A history whose newest entry is not the current score is rejected."""

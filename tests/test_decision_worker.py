@@ -275,6 +275,24 @@ class TestDecisions:
         assert out.returncode == 0, out.stderr
         assert f"the newest {PENDING_READ}; {extra} earlier not listed" in " ".join(out.stdout.split())
 
+    def test_measurements_the_worker_cannot_judge_start_nothing(self, make_service, redis_client):
+        """An error metric measured with no baseline anywhere (it read as a drop from the default 1.0 to -3.2: a high
+        start on every measurement), and concept drift measured as JS under the policy's PSI threshold."""
+        svc = make_service()
+        svc.bus.publish(new_event("performance.measured", "churn",
+                                  {"metric": "rmse", "value": 3.2, "higher_is_better": False, "n_labeled": 5000}))
+        svc.bus.publish(new_event("drift.concept", "churn", {"value": 0.25, "metric": "js"}))
+        step(svc)
+        assert [r for r in records(svc) if r["action"] == "start"] == []
+        assert queued(redis_client, "training.high") + queued(redis_client, "training.low") == 0
+        [state] = svc.store.load(["churn"]).values()
+        from datetime import datetime, timezone
+
+        from workers.decision.policy import evaluate
+        decision = evaluate(svc.policies.get("churn"), state.model_signals(datetime.now(timezone.utc)))
+        assert "no baseline" in decision.trigger("performance_drop").reason
+        assert "not judged" in decision.trigger("concept_drift").reason
+
     def test_breaking_upstream_change_alerts_and_does_not_train(self, make_service, redis_client):
         """A removed feature is breaking: the decision is suppressed with the reason and an alert is raised."""
         svc = make_service()

@@ -441,6 +441,8 @@ class StoredState:
                 baseline = (prod.get("metrics") or {}).get(d["metric"])
             if baseline is not None:
                 kwargs["baseline_accuracy"] = sign * float(baseline)
+            else:  # not the seed's default of 1.0: an error metric (rmse) would read as a huge drop
+                kwargs["baseline_unknown"] = True
             kwargs["n_labeled"] = int(d["n_labeled"])
             kwargs["metric"] = d["metric"]
             if d.get("ci_low") is not None and d.get("ci_high") is not None:
@@ -450,6 +452,7 @@ class StoredState:
             kwargs["new_samples_since_training"] = int(s["volume.accumulated"]["data"]["new_samples"])
         if "drift.concept" in s:
             kwargs["concept_drift"] = float(s["drift.concept"]["data"]["value"])
+            kwargs["concept_drift_metric"] = s["drift.concept"]["data"].get("metric")
         if "upstream.changed" in s:
             d = s["upstream.changed"]["data"]
             kwargs["current_feature_version"] = d.get("feature_version")

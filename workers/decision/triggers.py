@@ -192,8 +192,12 @@ class ModelSignals:
     n_labeled, accuracy_ci, accuracy_stderr, metric
         Labels behind ``current_accuracy`` and its uncertainty (interval or standard error);
         ``metric`` names it (a Wilson interval is derived only for accuracy).
-    concept_drift
-        PSI or JS distance of the prediction scores against the reference.
+    baseline_unknown
+        The measurement of ``current_accuracy`` came with no baseline and none is known for the
+        model: the drop cannot be judged (without it the seed's default baseline, 1.0, applies).
+    concept_drift, concept_drift_metric
+        PSI or JS distance of the prediction scores against the reference, and which of the two
+        the monitor measured (``None``: the policy's).
     trained_feature_version, current_feature_version, trained_schema_fingerprint,
     current_schema_fingerprint, upstream_breaking, upstream_changes
         Upstream feature-store / schema state at training time and now.
@@ -229,6 +233,8 @@ class ModelSignals:
     manual_reason: str | None = None
     drift_onset: datetime | None = None
     now: datetime | None = None
+    baseline_unknown: bool = False
+    concept_drift_metric: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("last_training_date", "drift_onset", "now"):
@@ -300,7 +306,7 @@ class ModelSignals:
         """The inverse of :meth:`from_snapshot`: a JSON-ready dict of the reported fields."""
         out: dict[str, Any] = {}
         for key, value in asdict(self).items():
-            if value is None or (key == "drifted_features" and not value):
+            if value is None or (key in ("drifted_features", "baseline_unknown") and not value):
                 continue
             if isinstance(value, datetime):
                 value = value.isoformat()
@@ -347,6 +353,8 @@ class _Snapshot(BaseModel):
     schedule_due: bool | None = None
     manual_reason: str | None = None
     drift_onset: datetime | None = None
+    baseline_unknown: bool = False
+    concept_drift_metric: Literal["psi", "js"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> _Snapshot:
@@ -494,6 +502,14 @@ def performance_drop(policy: Policy, signals: ModelSignals, now: datetime) -> Tr
     """
     rules = policy.triggers
     threshold = _number(rules.performance_drop_threshold)
+    if signals.baseline_unknown and signals.current_accuracy is not None:
+        metric = signals.metric or "accuracy"
+        return TriggerResult(
+            name="performance_drop", triggered=False, urgency="medium",
+            reason=(f"{metric} {signals.current_accuracy:.3f} measured with no baseline (none in the measurement, "
+                    f"none among the production model's metrics): the drop cannot be judged"),
+            value=None, threshold=threshold, metadata={"current": signals.current_accuracy, "baseline": None},
+        )
     current = signals.current_accuracy if signals.current_accuracy is not None else 1.0
     baseline = signals.baseline_accuracy if signals.baseline_accuracy is not None else 1.0
     drop = baseline - current
@@ -558,8 +574,13 @@ def concept_drift(policy: Policy, signals: ModelSignals, now: datetime) -> Trigg
     threshold = _number(rules.concept_drift_threshold)
     metric = rules.concept_drift_metric
     value = signals.concept_drift
+    measured = (signals.concept_drift_metric or metric).lower()
     if value is None:
         triggered, reason = False, "no concept-drift measurement"
+    elif measured != metric:
+        triggered = False
+        reason = (f"prediction {measured.upper()} {value:.3f} not judged: the threshold {threshold} is for "
+                  f"{metric.upper()} (concept_drift_metric)")
     else:
         triggered = value > threshold
         verb = "exceeds" if triggered else "within"
