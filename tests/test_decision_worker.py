@@ -293,6 +293,16 @@ class TestDecisions:
         assert "no baseline" in decision.trigger("performance_drop").reason
         assert "not judged" in decision.trigger("concept_drift").reason
 
+    def test_a_start_records_the_feature_version_it_trains_on(self, make_service, redis_client):
+        """The announced feature-store version goes into the start record, which the pipeline stores with the model
+        version: without it every version had none, and a later version change could never fire."""
+        svc = make_service()
+        svc.bus.publish(new_event("upstream.changed", "churn", {"feature_version": "v2", "breaking": False}))
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "start" and rec["feature_version"] == "v2"
+
     def test_breaking_upstream_change_alerts_and_does_not_train(self, make_service, redis_client):
         """A removed feature is breaking: the decision is suppressed with the reason and an alert is raised."""
         svc = make_service()

@@ -559,6 +559,11 @@ class DecisionService:
             "latest_event_time": max((t for t in event_times if t), default=None),
             "pipeline_id": pipeline_id,
             "production_version": (state.production or {}).get("version"),
+            # The feature-store version the pipeline will train on (the registry keeps it with the model
+            # version, and upstream_change compares the next one with it): the latest announced, else
+            # the production model's.
+            "feature_version": (((state.signals.get("upstream.changed") or {}).get("data") or {}).get("feature_version")
+                                or (state.production or {}).get("feature_version")),
             "decided_by": self.consumer_name,
         }
 
