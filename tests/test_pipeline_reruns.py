@@ -258,6 +258,25 @@ class TestOneRunAtATime:
                  timeout=STEP_BUSY_RETRY_S + 30, message=f"the retried step (log {worker.log_path})")
 
 
+class TestSuperseded:
+    def test_a_pipeline_whose_slot_another_holds_runs_no_further_step(self, pipeline_env, redis_client, keys):
+        """The decision worker cleared p-old's slot as stale and started p-new: p-old's next step is refused (two
+        pipelines never run for one model), its failure is a warning, and p-new's slot stays; its own slot, or a free
+        one, lets a step run."""
+        pipeline_env()
+        redis_client.hset(keys.guard(MODEL), "in_flight", "p-new")
+        with pytest.raises(steps.PipelineSuperseded, match="p-new holds the single-flight slot"):
+            steps.run_step("validate_data", context("p-old"))
+        assert not redis_client.exists(keys.step_done(MODEL, "p-old", "validate_data"))
+        steps.handle_failure(context("p-old"), "validate_data", steps.PipelineSuperseded("superseded"))
+        alerts = [json.loads(a)["data"] for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
+        assert [(a["severity"], a["title"]) for a in alerts] == [("warning", "training pipeline superseded")]
+        assert redis_client.hget(keys.guard(MODEL), "in_flight") == b"p-new"
+        assert steps.run_step("validate_data", context("p-new"))["n_train"] > 0
+        redis_client.hdel(keys.guard(MODEL), "in_flight")
+        assert steps.run_step("validate_data", context("p-old"))["n_train"] > 0
+
+
 class TestWorkerLostEveryTime:
     @pytest.mark.slow
     def test_a_step_whose_worker_dies_every_time_fails_the_pipeline(self, start_worker, redis_client, keys, settings,

@@ -52,6 +52,10 @@ class GateFailed(PipelineStepFailed):
     """The gate's verdict on a candidate (a failed check): the only failure reported as "blocked"."""
 
 
+class PipelineSuperseded(PipelineStepFailed):
+    """Another pipeline holds the model's single-flight slot (this one's was cleared as stale): stop here."""
+
+
 class WorkerLostTooOften(PipelineStepFailed):
     """The step's worker process died in each of its last MAX_STEP_STARTS starts."""
 
@@ -128,9 +132,20 @@ def run_step(step: str, ctx: dict[str, Any]) -> dict[str, Any]:
         with StepLease(env.redis, env.keys.step_lease(ctx["model"], ctx["pipeline_id"], step)):
             stored = env.redis.get(done_key)
             if stored is None:
+                _check_slot(env, step, ctx)
                 return _run_once(env, step, ctx, done_key)
     log.info("pipeline.step_already_done", step=step)
     return json.loads(stored)
+
+
+def _check_slot(env: "_Env", step: str, ctx: dict[str, Any]) -> None:
+    """Refuse to run a step of a pipeline whose model's slot another pipeline holds now: the decision worker
+    cleared this one's as stale (held for hours, e.g. queued behind training.high) and started another,
+    and two pipelines must not run for one model. A free slot (released: a re-run) is no objection."""
+    holder = env.redis.hget(env.keys.guard(ctx["model"]), "in_flight")
+    if holder is not None and holder.decode() != ctx["pipeline_id"]:
+        raise PipelineSuperseded(f"pipeline {holder.decode()} holds the single-flight slot of {ctx['model']} now "
+                                 f"(this pipeline's was cleared as stale); {step} not run")
 
 
 def _run_once(env: "_Env", step: str, ctx: dict[str, Any], done_key: str) -> dict[str, Any]:
@@ -462,12 +477,14 @@ def handle_failure(ctx: dict[str, Any], step: str, exc: BaseException) -> None:
     # Only the gate's verdict is "blocked"; anything else from the gate (a tampered production
     # artifact, a bad policy, a lost worker) is a breakdown like in any other step.
     blocked = isinstance(exc, GateFailed)
+    superseded = isinstance(exc, PipelineSuperseded)
     env.mark(ctx, status=f"failed:{step}", failed_step=step, error=reason,
              failed_at=datetime.now(timezone.utc).isoformat())
     if not blocked:
         env.emit(ctx, "training.failed", step=step, error=reason[:2000])
-    title = "quality gate blocked a candidate" if blocked else f"training pipeline failed at {step}"
-    raise_alert(env.redis, env.keys, env.bus, ctx["model"], "warning" if blocked else "critical",
+    title = ("quality gate blocked a candidate" if blocked else "training pipeline superseded" if superseded
+             else f"training pipeline failed at {step}")
+    raise_alert(env.redis, env.keys, env.bus, ctx["model"], "warning" if blocked or superseded else "critical",
                 title, reason[:2000], webhook_url=webhook_url_from_settings(env.settings),
                 event_id=f"{ctx['pipeline_id']}:alert.raised:{step}", pipeline_id=ctx["pipeline_id"])
     _release(env, ctx)
