@@ -393,7 +393,7 @@ def create_app(
         if not binary and kind not in (BATCH_TYPE, STRUCTURED_TYPE, JSON_TYPE):
             return _problem(415, f"unsupported content type {kind!r}; use {STRUCTURED_TYPE}, {BATCH_TYPE} or {JSON_TYPE}")
         single = binary or kind == STRUCTURED_TYPE
-        body = await read_body(request, max_event_bytes if single else body_limit)
+        body = await read_body(request, min(max_event_bytes, body_limit) if single else body_limit)
         if binary:
             try:
                 items: list[Any] = [binary_event(request, body)]
@@ -482,6 +482,9 @@ def create_app(
         body = await read_body(request, body_limit)
         try:
             event = evidently_event(load_json(body), model, max_event_bytes=max_event_bytes)
+        except RecursionError:  # parsed, but too deep for the report's hash
+            count("evidently", rejected=1)
+            return _problem(400, "the report is nested too deeply")
         except (ValueError, EventError) as exc:
             reason = str(exc) if isinstance(exc, (AdapterError, EventError)) else f"malformed JSON: {exc}"
             count("evidently", rejected=1)

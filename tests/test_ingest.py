@@ -201,6 +201,22 @@ class TestLimits:
         assert r.status_code == 413
         assert all_stream_events(redis_client, keys) == []
 
+    def test_a_body_limit_below_the_event_limit_holds_for_single_events_too(self, redis_server, redis_client, keys,
+                                                                            ingest_settings):
+        """--max-body-bytes 1000: a 3 KB event is refused in every mode (structured and binary were read against the
+        64 KiB event limit and accepted)."""
+        bus = EventBus(redis_client, keys, max_event_bytes=MAX_EVENT_BYTES)
+        big = event_json(data={"drift_score": 0.1, "pad": "q" * 3000})
+        binary = {"ce-specversion": "1.0", "ce-id": "b-1", "ce-source": "urn:x", "ce-type": "drift.data",
+                  "ce-subject": "churn", "ce-time": "2024-05-01T10:00:00Z", "Content-Type": "application/json"}
+        with ServerThread(create_app(bus, ingest_settings, max_batch=MAX_BATCH, max_body_bytes=1000)) as srv:
+            for content_type in (STRUCTURED_TYPE, "application/json", "binary"):
+                headers = {**AUTH, **binary} if content_type == "binary" else {**AUTH, "Content-Type": content_type}
+                body = json.dumps(big["data"] if content_type == "binary" else big)
+                r = httpx.post(f"{srv.url}/events", content=body, headers=headers, timeout=10)
+                assert r.status_code == 413, (content_type, r.text)
+        assert all_stream_events(redis_client, keys) == []
+
     def test_too_many_events_in_a_batch_is_413(self, http, redis_client, keys):
         """A batch with more than max_batch (small) events is refused with 413."""
         batch = [event_json() for _ in range(MAX_BATCH + 1)]
@@ -303,6 +319,21 @@ class TestBadBodies:
         assert r.status_code == 400, r.text
         assert "nested too deeply" in r.json()["error"]
         assert all_stream_events(redis_client, keys) == []
+
+    def test_an_evidently_report_parsed_but_too_deep_to_hash_is_400(self, http, redis_client, keys):
+        """A report nested just under the parser's limit parses, then overflows the report hash: 400, not 500. (Where
+        exactly the two limits fall depends on the stack, so a range of depths around them is tried.)"""
+        codes = {}
+        for depth in range(930, 980):
+            body = ('{"metrics":[{"metric":"x","result":{"share_of_drifted_columns":0.5}}],"junk":'
+                    + "[" * depth + "]" * depth + "}")
+            r = http.post("/adapters/evidently?model=churn", content=body,
+                          headers={**AUTH, "Content-Type": "application/json"})
+            codes[depth] = r.status_code
+            assert r.status_code in (202, 400), (depth, r.text)
+            if r.status_code == 400:
+                assert "nested too deeply" in r.json()["error"]
+        assert 202 in codes.values() and 400 in codes.values()
 
     @pytest.mark.parametrize("depth, reason", [(250, "would not read back"), (900, "cannot be written as JSON")])
     def test_event_nested_deeper_than_the_consumer_reads_is_400(self, depth, reason, http, redis_client, keys):

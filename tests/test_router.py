@@ -379,6 +379,12 @@ class TestRequestLog:
         p = open_router("reg").predict(row(3), "x")
         assert p.score == pytest.approx(reg.predict(one)[0]) == p.prediction
 
+    def test_a_number_too_large_for_a_float_is_the_requests_fault(self, make_version, open_router):
+        """A feature of 10**400 (valid JSON) cannot become a float: a FeatureError (400), not the model's failure."""
+        make_version(seed=0)
+        with pytest.raises(FeatureError, match="cannot use these features"):
+            open_router().predict({"a": 10**400, "b": 1.0, "c": 1.0}, "huge")
+
     def test_a_batch_logs_one_record_per_row(self, make_version, open_router, redis_client, keys):
         """A list of dicts is answered row by row and logged as ``<id>#<row>``."""
         make_version(seed=0)

@@ -279,7 +279,7 @@ class Router:
             if isinstance(exc, FeatureError):
                 exc.version = model.version
                 raise
-            if isinstance(exc, (ValueError, TypeError)):
+            if isinstance(exc, (ValueError, TypeError, OverflowError)):
                 # scikit-learn's input validation ("could not convert string to float", "unknown
                 # categories", ...): the request's features, not the model, are at fault.
                 bad = FeatureError(f"version {model.version} cannot use these features: {exc}")
