@@ -91,6 +91,43 @@ class TestDeadLetterIds:
         assert_one_line(out, 2, "no dead letter with id 1-0")
 
 
+class TestStoredTextIsNotMarkup:
+    """Stored text (event ids, reasons, payloads) may hold "[/x]", which rich reads as a closing tag: printed as is."""
+
+    def test_dead_letters_listing(self, redis_env, redis_client):
+        from config.keys import Keys
+
+        redis_client.xadd(Keys().dead_letters(), {"reason": "bad [/alert] id", "payload": '{"id": "[/alert]"}',
+                                                  "stream": "s", "entry_id": "1-0", "time": "0", "group": "g"})
+        out = run("dead-letters", env=redis_env)
+        assert out.returncode == 0, out.stderr
+        assert "bad [/alert] id" in " ".join(out.stdout.split())
+
+    def test_explain_of_a_reason_with_brackets(self, redis_env, redis_client):
+        from config.keys import Keys
+        from workers.decision.state import DecisionStore
+
+        record = {"id": "d-brackets", "model": "m", "time": "2026-01-01T00:00:00+00:00", "timestamp": 1.0,
+                  "action": "start", "urgency": "critical", "reason": "manual: fix [/x] now", "triggers": [
+                      {"name": "manual", "triggered": True, "urgency": "critical", "value": None, "threshold": None,
+                       "reason": "fix [/x] now (requested by [bold]ana)"}],
+                  "checks": [], "suppressed": [], "event_ids": ["[/e]"]}
+        pipe = redis_client.pipeline()
+        DecisionStore(redis_client, Keys()).write_record(pipe, record)
+        pipe.execute()
+        out = run("explain", "d-brackets", env=redis_env)
+        assert out.returncode == 0, out.stderr
+        text = " ".join(out.stdout.split())
+        assert "fix [/x] now" in text and "[bold]ana" in text and "[/e]" in text
+
+    def test_emit_file_rejections(self, redis_env, tmp_path):
+        path = tmp_path / "events.jsonl"
+        path.write_text('{"type": "[/x]", "subject": "m", "data": {}}\n')
+        out = run("emit", "--file", str(path), env=redis_env)
+        assert out.returncode == 1 and "Traceback" not in out.stderr and "MarkupError" not in out.stderr + out.stdout
+        assert "line 1:" in out.stdout and "[/x]" in out.stdout
+
+
 class TestSettingsAndConnection:
     @pytest.mark.parametrize("command", [["ingest"], ["worker", "--role", "decision"], ["status"],
                                          ["dead-letters"], ["beat"], ["serve"]])

@@ -106,8 +106,10 @@ def register(app: typer.Typer) -> None:
             print_json(summary)
         else:
             console.print(f"published {published}, rejected {len(errors)}")
+            from rich.markup import escape
+
             for err in errors:
-                console.print(f"  line {err['line']}: {err['reason']}", style="red")
+                console.print(f"  line {err['line']}: {escape(str(err['reason']))}", style="red")
         if errors:
             raise typer.Exit(1)
 
@@ -149,11 +151,12 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json({"dead_letters": letters})
             return
+        from rich.markup import escape
         from rich.table import Table
 
         table = Table(title=f"dead letters ({len(letters)})")
         for col in ("id", "reason", "payload"):
             table.add_column(col, overflow="fold")
-        for d in letters:
-            table.add_row(d["id"], d.get("reason", ""), (d.get("payload") or "")[:120])
+        for d in letters:  # escaped: a payload or reason may hold "[/x]", markup to rich
+            table.add_row(escape(d["id"]), escape(d.get("reason", "")), escape((d.get("payload") or "")[:120]))
         console.print(table)
