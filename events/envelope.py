@@ -32,6 +32,11 @@ _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 """The start every accepted ``time`` has (the rest is pydantic's RFC 3339 parser's business)."""
 
 
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(2200, 1, 1, tzinfo=timezone.utc)
+"""An event's time must fall in [EARLIEST_TIME, LATEST_TIME): time windows around it stay in range."""
+
+
 class CloudEvent(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -72,7 +77,15 @@ class CloudEvent(BaseModel):
     @field_validator("time")
     @classmethod
     def _aware(cls, v: datetime) -> datetime:
-        return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        v = v if v.tzinfo else v.replace(tzinfo=timezone.utc)
+        try:
+            in_utc = v.astimezone(timezone.utc)
+        except OverflowError:  # 0001-01-01T00:00:00+05:00 is before year 1 in UTC
+            in_utc = None
+        if in_utc is None or not EARLIEST_TIME <= in_utc < LATEST_TIME:
+            raise ValueError(f"time must be between {EARLIEST_TIME.year} and {LATEST_TIME.year} "
+                             "(years 1 and 9999 break the log's time arithmetic)")
+        return v
 
     @property
     def model(self) -> str:

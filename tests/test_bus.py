@@ -152,6 +152,8 @@ class TestEnvelope:
         ("BAD_VALUE", "drift_score"),
         ("UNIX_TIME", "time must be an RFC 3339 timestamp"),
         ("DATE_ONLY", "time must be an RFC 3339 timestamp"),
+        ("YEAR_9999", "time must be between 1970 and 2200"),
+        ("YEAR_1", "time must be between 1970 and 2200"),
     ])
     def test_producer_rejects_bad_events_with_a_reason(self, raw, reason, bus):
         """Malformed JSON, a wrong type or missing fields are refused before publishing, with the reason."""
@@ -160,7 +162,10 @@ class TestEnvelope:
                "MISSING_DATA_FIELD": {**good, "data": {"drifted_features": []}},
                "BAD_VALUE": {**good, "data": {"drift_score": "high"}},
                "UNIX_TIME": {**good, "time": 1714557600},
-               "DATE_ONLY": {**good, "time": "2024-05-01"}}.get(raw, raw) if isinstance(raw, str) else raw
+               "DATE_ONLY": {**good, "time": "2024-05-01"},
+               # time windows around these overflow (they broke `retrain timeline` for good)
+               "YEAR_9999": {**good, "time": "9999-12-31T23:59:59-01:00"},
+               "YEAR_1": {**good, "time": "0001-01-01T00:00:01+01:00"}}.get(raw, raw) if isinstance(raw, str) else raw
         with pytest.raises(EventError, match=reason):
             bus.publish(raw)
 

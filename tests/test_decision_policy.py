@@ -634,7 +634,8 @@ class TestCli:
         out = _run("--policy", "p.toml", "--snapshot", "s.json", cwd=files)
         assert out.returncode == 0 and "retrain" in out.stdout and "data_drift" in out.stdout
 
-    @pytest.mark.parametrize("case", ["bad_snapshot", "typo_policy", "missing_snapshot", "missing_policy"])
+    @pytest.mark.parametrize("case", ["bad_snapshot", "typo_policy", "missing_snapshot", "missing_policy",
+                                      "year_one"])
     def test_unusable_input_exits_2_with_one_line(self, files, case):
         """Bad snapshot, typo'd policy key or a missing file: exit 2, one line on stderr, no stdout."""
         policy, snapshot = "p.toml", "s.json"
@@ -642,6 +643,8 @@ class TestCli:
             (files / "s.json").write_text('{"last_training_date": "yesterday", "drift_score": "high"}')
         elif case == "typo_policy":
             (files / "p.toml").write_text('[model]\nname = "churn"\n[triggers]\ndrift_treshold = 0.2\n')
+        elif case == "year_one":  # before year 1 in UTC: an OverflowError, exit 1, before
+            (files / "s.json").write_text('{"last_training_date": "0001-01-01T00:00:00+05:00"}')
         elif case == "missing_snapshot":
             snapshot = "nope.json"
         else:
@@ -651,7 +654,8 @@ class TestCli:
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in out.stderr
         expected = {"bad_snapshot": "drift_score", "typo_policy": "drift_treshold",
-                    "missing_snapshot": "nope.json", "missing_policy": "nope.toml"}[case]
+                    "missing_snapshot": "nope.json", "missing_policy": "nope.toml",
+                    "year_one": "last_training_date"}[case]
         assert expected in lines[0]
 
 

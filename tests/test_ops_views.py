@@ -327,6 +327,8 @@ class TestHistory:
         """An unknown type pattern, an unreadable time or an unknown model exits 2 with one line."""
         _one_line_error(run("history", MODEL, "--type", "nope.*"), "matches no event type")
         _one_line_error(run("history", MODEL, "--since", "yesterday-ish"), "bad time")
+        for since in ("0001-01-01", "999999999d"):  # before any event can be: all of them (an OverflowError before)
+            assert _json(run("history", MODEL, "--since", since, "--json"))["matched"] > 0
         _one_line_error(run("history", "nosuch"), "unknown model")
 
     def test_human_view_lists_descriptions(self, recorded):

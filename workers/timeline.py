@@ -165,18 +165,26 @@ def parse_time_bound(text: str | None, now: datetime | None = None) -> datetime 
     """
     if text is None or not str(text).strip():
         return None
+    from events.envelope import EARLIEST_TIME, LATEST_TIME
+
     text = str(text).strip()
     now = now or datetime.now(timezone.utc)
     try:
-        return now - parse_duration(text)
+        ago = parse_duration(text)
     except ValueError:
         pass
+    else:  # longer ago than any event can be: all of them
+        return now - ago if ago < now - EARLIEST_TIME else EARLIEST_TIME
     try:
         d = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
     except ValueError:
         raise ValueError(f"bad time {text!r}: use a duration ago like '2h' or an ISO time "
                          "like 2024-05-01T12:00:00Z") from None
-    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+    d = d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+    try:  # no event lies outside [EARLIEST_TIME, LATEST_TIME): a bound beyond them is the same as at them
+        return min(max(d.astimezone(timezone.utc), EARLIEST_TIME), LATEST_TIME)
+    except OverflowError:
+        return EARLIEST_TIME if d.year < 2000 else LATEST_TIME
 
 
 def event_time(event: Mapping[str, Any]) -> datetime:

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from config.policy import Policy
 
@@ -355,6 +355,14 @@ class _Snapshot(BaseModel):
     drift_onset: datetime | None = None
     baseline_unknown: bool = False
     concept_drift_metric: Literal["psi", "js"] | None = None
+
+    @field_validator("now", "last_training_date", "drift_onset")
+    @classmethod
+    def _in_utc(cls, v: datetime | None) -> datetime | None:
+        try:
+            return as_utc(v)
+        except OverflowError:  # 0001-01-01T00:00:00+05:00 is before year 1 in UTC
+            raise ValueError("out of range once converted to UTC") from None
 
     @model_validator(mode="after")
     def _consistent(self) -> _Snapshot:
