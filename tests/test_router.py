@@ -690,6 +690,22 @@ class TestHTTP:
         assert decode_feedback(fields)["request_id"] == "abc" and decode_feedback(fields)["label"] == 0
         assert http.post("/models/m/feedback", json={"request_id": "abc", "label": [1]}).status_code == 422
 
+    def test_oversized_requests_are_413_and_long_labels_400(self, http, redis_client, keys):
+        """Over MAX_ROWS_PER_REQUEST rows, or a body declared over MAX_BODY_BYTES, is refused before any row is
+        logged (one huge batch made the request log drop other clients' records); a label over MAX_LABEL_CHARS is a
+        400 whose reason does not echo it."""
+        from workers.router.router import MAX_LABEL_CHARS
+        from workers.router.server import MAX_BODY_BYTES, MAX_ROWS_PER_REQUEST
+
+        r = http.post("/models/m/predict", json={"features": [row(1)] * (MAX_ROWS_PER_REQUEST + 1)})
+        assert r.status_code == 413 and str(MAX_ROWS_PER_REQUEST) in r.json()["detail"]
+        r = http.post("/models/m/predict", content=b" " * (MAX_BODY_BYTES + 1), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = http.post("/models/m/feedback", json={"request_id": "abc", "label": "x" * (MAX_LABEL_CHARS + 1)})
+        assert r.status_code == 400 and len(r.text) < 500
+        assert redis_client.xlen(keys.feedback("m")) == 0
+        assert http.post("/models/m/predict", json={"features": [row(1)] * 10}).status_code == 200
+
     def test_healthz_and_metrics(self, http):
         """Health reports what each model serves (503 while one has no production); metrics count by version."""
         for i in range(3):

@@ -58,6 +58,8 @@ CHECK_INTERVAL_S = 1.0
 """How often the watcher compares the stored revision (the fallback for a missed message)."""
 WATCH_TICK_S = 0.1
 """The watcher's longest sleep (it also sends mirrors a quiet request path left buffered)."""
+MAX_LABEL_CHARS = 1000
+"""Longest feedback label (a class name, a value as text) the feedback stream takes."""
 
 
 # --------------------------------------------------------------------------- errors, results
@@ -311,10 +313,12 @@ class Router:
             raise FeatureError("label must be a string, number or boolean")
         if isinstance(label, float) and not math.isfinite(label):
             raise FeatureError("label must be finite")
+        if isinstance(label, str) and len(label) > MAX_LABEL_CHARS:
+            raise FeatureError(f"label of {len(label)} characters is over the limit of {MAX_LABEL_CHARS}")
         production = self._models.get(self._snap.table.production or "")
         if production is not None and production.task == "regression" and (
                 isinstance(label, bool) or not isinstance(label, (int, float))):
-            raise FeatureError(f"label must be a number for the regression model {self.model!r}, got {label!r}")
+            raise FeatureError(f"label must be a number for the regression model {self.model!r}, got {label!r:.60}")
         entry = self.redis.xadd(self.keys.feedback(self.model),
                                 {"request_id": request_id, "label": json.dumps(label), "ts": f"{time.time():.6f}"},
                                 maxlen=self.maxlen, approximate=True)

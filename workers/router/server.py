@@ -67,6 +67,11 @@ log = structlog.get_logger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 MAX_REQUEST_ID = 256
+MAX_ROWS_PER_REQUEST = 10_000
+"""Rows one predict request may carry: the request log buffers 100,000 records, and one huge batch
+would make it drop other clients' records (their feedback could never be joined)."""
+MAX_BODY_BYTES = 16 * 1024 * 1024
+"""A request body declared larger than this is refused before it is read."""
 DISCOVERY_INTERVAL_S = 1.0
 """Without a model list, the registry's model set is re-read at most this often for names the
 server does not hold: a negative cache, so unknown names cost one Redis read per interval
@@ -304,6 +309,13 @@ def create_app(models: Sequence[str] | None = None, *, client=None, keys=None, r
     app.state.routers = pool
     app.state.metrics = metrics
 
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return _error(413, f"request body of {declared} bytes is over the limit of {MAX_BODY_BYTES}")
+        return await call_next(request)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_reason(exc))
@@ -324,6 +336,8 @@ def create_app(models: Sequence[str] | None = None, *, client=None, keys=None, r
 
     @app.post("/models/{name}/predict")
     def predict(name: str, body: PredictBody):
+        if isinstance(body.features, list) and len(body.features) > MAX_ROWS_PER_REQUEST:
+            return _error(413, f"{len(body.features)} rows in one request, over the limit of {MAX_ROWS_PER_REQUEST}")
         router = router_for(name)
         if isinstance(router, JSONResponse):
             return router
