@@ -225,6 +225,27 @@ class TestFlagInput:
         assert_one_line(out, 2, f"'{option}'", "65535")
 
 
+class TestServerOptions:
+    @pytest.mark.parametrize("command", ["ingest", "serve"])
+    def test_a_bad_log_level_or_a_taken_port_is_one_line(self, command, redis_env):
+        """Both servers check their options first: an unknown log level (ingest raised KeyError, exit 1) and a port
+        in use (ingest exited 3 with uvicorn's line) are exit 2 with one line."""
+        env = {**redis_env, "RETRAIN_INGEST_TOKEN": "t"}
+        assert_one_line(run(command, "--log-level", "bogus", env=env), 2, "unknown log level 'bogus'")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            assert_one_line(run(command, "--port", str(port), env=env), 2, f"cannot listen on 127.0.0.1:{port}")
+
+    def test_emit_data_nested_too_deeply_is_one_line(self, redis_env):
+        deep = "[" * 5000 + "]" * 5000
+        assert_one_line(run("emit", "--type", "drift.data", "--model", "m", "--data", '{"x": ' + deep + "}",
+                            env=redis_env), 2, "nested too deeply")
+        assert_one_line(run("emit", "--type", "drift.data", "--model", "m", "--set", "x=" + deep, env=redis_env),
+                        2, "nested too deeply")
+
+
 class TestUp:
     def test_an_unreachable_external_redis_is_the_usual_line(self, tmp_path):
         """``up`` with RETRAIN_REDIS_URL on a closed port: exit 2 'cannot reach Redis', no password, nothing started."""

@@ -32,6 +32,29 @@ def fail(message: str, code: int = USAGE_ERROR) -> NoReturn:
     raise CliError(message, code)
 
 
+UVICORN_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def check_server_options(host: str, port: int, log_level: str) -> None:
+    """One clear line (exit 2) for a log level uvicorn does not know or an address nothing can listen on, before
+    anything starts (uvicorn would raise a KeyError or log and exit 3)."""
+    import socket
+
+    if log_level.lower() not in UVICORN_LOG_LEVELS:
+        fail(f"unknown log level {log_level!r}; use one of {', '.join(UVICORN_LOG_LEVELS)}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        fail(f"cannot resolve host {host!r}: {exc.strerror}")
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+
+
 def _default(obj: Any) -> Any:
     if hasattr(obj, "model_dump"):
         return obj.model_dump(mode="json")

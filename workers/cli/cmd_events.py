@@ -38,6 +38,8 @@ def _parse_data(pairs: list[str], data_json: str | None) -> dict:
             data = json.loads(data_json)
         except ValueError as exc:
             fail(f"--data is not valid JSON: {exc}")
+        except RecursionError:
+            fail("--data is nested too deeply")
         if not isinstance(data, dict):
             fail("--data must be a JSON object")
     for pair in pairs:
@@ -48,6 +50,8 @@ def _parse_data(pairs: list[str], data_json: str | None) -> dict:
             data[key] = json.loads(value)
         except ValueError:
             data[key] = value
+        except RecursionError:
+            fail(f"--set {key}=...: the value is nested too deeply")
     return data
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from workers.cli._common import fail
+from workers.cli._common import check_server_options, fail
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         from workers.cli._common import load_settings, ping_redis, print_json
 
         settings = load_settings()
+        check_server_options(host, port, log_level)
         configure_logging(settings.log_level, settings.log_format)
         try:
             application = create_app(

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import typer
 
-from workers.cli._common import fail, print_json
-
-
-def _check_bindable(host: str, port: int) -> None:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        fail(f"cannot resolve host {host!r}: {exc.strerror}")
-    family, _, _, _, address = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as exc:
-            fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+from workers.cli._common import check_server_options, fail, print_json
 
 
 def _models_to_serve(requested: list[str]) -> tuple[list[str] | None, list[str]]:
@@ -56,10 +40,8 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON line with the address, then serve."),
     ) -> None:
         """Serve predictions through the router: traffic split from Redis, shadow, request log, feedback."""
-        if log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
-            fail(f"unknown log level {log_level!r}")
         names, serving = _models_to_serve([m for m in (model or []) if m] if model else [])
-        _check_bindable(host, port)
+        check_server_options(host, port, log_level)
 
         import uvicorn
 
