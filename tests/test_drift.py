@@ -427,6 +427,37 @@ class TestMessyData:
 # ============================================================================ dataset score
 
 
+class TestReviewedEdges:
+    def test_an_override_threshold_applies_only_to_its_own_test(self):
+        """A p-value threshold set for z (or ks) is not read as a distance when the column needs another test: equal
+        distributions do not drift (they did, at 0.01 against Wasserstein/JS distances)."""
+        rng = np.random.default_rng(1)
+        ref, cur = pd.DataFrame({"x": rng.normal(size=5000)}), pd.DataFrame({"x": rng.normal(size=5000)})
+        report = check_drift(build_profile(ref), cur, DriftSection(features={"x": FeatureDrift(test="z", threshold=0.01)}))
+        [f] = report.features
+        assert f.test == "wasserstein" and f.threshold != 0.01 and not f.drifted
+        ref = pd.DataFrame({"c": rng.choice(list("abcd"), 5000)})
+        cur = pd.DataFrame({"c": rng.choice(list("abcd"), 5000)})
+        report = check_drift(build_profile(ref), cur, DriftSection(features={"c": FeatureDrift(test="ks", threshold=0.01)}))
+        assert not report.features[0].drifted
+
+    def test_psi_sees_a_shift_away_from_a_constant_reference(self):
+        """A constant reference has one quantile edge: everything at or above it was one bin and PSI stayed 0."""
+        rng = np.random.default_rng(1)
+        ref, cur = pd.DataFrame({"x": np.full(3000, 5.0)}), pd.DataFrame({"x": rng.normal(100, 10, 3000)})
+        [f] = check_drift(build_profile(ref), cur, DriftSection(method="psi")).features
+        assert f.test == "psi" and f.statistic > 1 and f.drifted
+
+    def test_whole_floats_match_text_categories(self):
+        """Reference "1","2","3"; current 1.0, 2.0, 3.0 (an integer column made float by missing values): the same
+        categories, not three unseen ones."""
+        rng = np.random.default_rng(1)
+        ref = pd.DataFrame({"c": rng.choice(["1", "2", "3"], 500)})
+        cur = pd.DataFrame({"c": rng.choice([1.0, 2.0, 3.0, np.nan], 500)})
+        [f] = check_drift(build_profile(ref), cur).features
+        assert not f.distribution_drifted and "unseen" not in f.note
+
+
 class TestDatasetScore:
     def frames(self):
         r = rng(40)

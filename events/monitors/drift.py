@@ -295,6 +295,9 @@ def profile_numeric(
     counts = hist.counts[1 : bins + 1].astype(np.int64)
     offsets = hist.position_sums[1 : bins + 1] - np.arange(1, bins + 1) * counts
     edges = np.unique(np.quantile(values, np.linspace(0, 1, quantile_bins + 1)[1:-1]))
+    if edges.size < 2:  # a (nearly) constant reference: its quantiles make one bin for everything at or above
+        # them, and PSI saw no shift; bounded by its range instead, below, at and above its values get bins
+        edges = np.unique(np.concatenate([[lo], edges, [np.nextafter(hi, np.inf)]]))
     if n <= sample_size:
         sample, complete = np.sort(values), True
     else:
@@ -556,9 +559,19 @@ def _requested_test(kind: Kind, settings: DriftSection, override: FeatureDrift |
 
 
 def _threshold(test: str, settings: DriftSection, override: FeatureDrift | None) -> float:
-    if override is not None and override.threshold is not None:
+    """The override's threshold only for the test it was set for: after a fallback (``z`` on a non-binary column,
+    ``ks`` on a categorical one) a p-value cut-off would be read as a distance."""
+    if override is not None and override.threshold is not None and override.test in (test, "auto"):
         return float(override.threshold)
     return float(getattr(settings, dt.TESTS[test].threshold_setting))
+
+
+def _as_text(value: Any) -> str:
+    """A current value compared with text categories: 3.0 (an integer column made float by its NaNs) reads "3"."""
+    value = _json_scalar(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _check_column(
@@ -709,7 +722,7 @@ def _categorical(
     cur_keys = list(vc.index)
     if col.categories and all(isinstance(c, str) for c in col.categories):
         if not all(isinstance(k, str) for k in cur_keys):
-            cur_keys = [k if isinstance(k, str) else str(_json_scalar(k)) for k in cur_keys]
+            cur_keys = [k if isinstance(k, str) else _as_text(k) for k in cur_keys]
             notes.append("current values are not text: compared as text")
     ref_keys = list(col.categories)
     ref_counts = col.counts
