@@ -59,6 +59,25 @@ class TestUp:
         assert not (tmp_path / "state" / "redis" / "url").exists()
 
 
+    @pytest.mark.slow
+    def test_a_hang_up_stops_everything_too(self, tmp_path):
+        """SIGHUP (the terminal closed, the ssh session dropped) stops `retrain up` and its children like SIGTERM;
+        they used to outlive it, Redis and workers adopted by init."""
+        env = _clean_env(tmp_path)
+        proc = subprocess.Popen([*RETRAIN, "up", "--roles", "rollout", "--no-beat", "--json"], env=env, cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            info = json.loads(proc.stdout.readline())
+            pids = [p["pid"] for p in info["processes"]]
+        finally:
+            proc.send_signal(signal.SIGHUP)
+            code = proc.wait(timeout=40)
+        assert code == 0, proc.stderr.read()
+        for pid in pids:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+        assert not (tmp_path / "state" / "redis" / "url").exists()
+
+
 class TestDemo:
     @pytest.mark.slow
     def test_demo_json_says_every_scenario_ended_as_expected(self, tmp_path):

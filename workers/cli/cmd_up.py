@@ -44,7 +44,9 @@ def register(app: typer.Typer) -> None:
             # The workers would only say it after their start-up timeout, as a Celery error.
             ping_redis(settings)
         stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a closed terminal or a dropped ssh session must stop the children (each in a session of its
+        # own, they never see the terminal's hang-up), not leave Redis and the workers running without their parent.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda *_: stop.set())
         system = LocalSystem(settings.state_dir)
         earlier_logs = log_sizes(system.state_dir / "logs")
