@@ -229,6 +229,17 @@ class TestVolume:
         with pytest.raises(VolumeError, match="no time column"):
             count_new_rows(str(tmp_path / "*.csv"), "event_time", since)
 
+    def test_time_text_is_read_as_training_reads_it(self, tmp_path):
+        """Times like 05/11/2024 10:00 count as training and the drift monitor read them (they counted as 0: parsed
+        as ISO 8601 only, the rest became NaT); text that is no time at all is a VolumeError, not silently 0."""
+        frame = pd.DataFrame({"ts": [f"05/{d:02d}/2024 10:00" for d in range(1, 21)], "x": range(20)})
+        frame.to_csv(tmp_path / "a.csv", index=False)
+        since = datetime(2024, 5, 10, 8, 30, tzinfo=UTC)
+        assert count_new_rows(str(tmp_path / "a.csv"), "ts", since) == 11
+        pd.DataFrame({"ts": ["yesterday", "soon"], "x": [1, 2]}).to_csv(tmp_path / "b.csv", index=False)
+        with pytest.raises(VolumeError, match="not a timestamp"):
+            count_new_rows(str(tmp_path / "b.csv"), "ts", since)
+
     def test_unusable_sources_raise_volume_error(self, tmp_path):
         """No matching files, or a Parquet file without the time column, raise VolumeError."""
         with pytest.raises(VolumeError, match="no Parquet or CSV"):

@@ -100,10 +100,10 @@ def _count_parquet(path: Path, time_column: str, since: datetime, scan: VolumeSc
     arrow_type = schema.field(index).type
     scan.row_groups += fragment.num_row_groups
     if pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type):
-        # ISO strings: no trustworthy statistics order across offsets; read the column.
+        # Time text: no trustworthy statistics order across offsets and formats; read the column.
         scan.row_groups_read += fragment.num_row_groups
         table = fragment.to_table(columns=[time_column])
-        return _count_text_times(table.column(0), since)
+        return _count_text_times(table.column(0), since, f"{path}: {time_column}")
     expr = ds.field(time_column) > _bound_for(arrow_type, since)
     kept = fragment.split_by_row_group(filter=expr)
     scan.row_groups_pruned += fragment.num_row_groups - len(kept)
@@ -120,10 +120,17 @@ def _count_parquet(path: Path, time_column: str, since: datetime, scan: VolumeSc
     return total
 
 
-def _count_text_times(column: pa.ChunkedArray, since: datetime) -> int:
+def _count_text_times(column: pa.ChunkedArray, since: datetime, where: str) -> int:
+    """Rows newer than ``since`` in a column of time text, parsed as training reads it (``format="mixed"``: not
+    only ISO 8601); text that is no time at all is an error, not a row silently left out of the count."""
     import pandas as pd
 
-    times = pd.to_datetime(column.to_pandas(), utc=True, errors="coerce", format="ISO8601")
+    from workers.training.data import DataError, _time_series_utc
+
+    try:
+        times = _time_series_utc(column.to_pandas(), where, "volume")
+    except DataError as exc:
+        raise VolumeError(str(exc)) from None
     return int((times > pd.Timestamp(since)).sum())
 
 
@@ -144,7 +151,7 @@ def _count_csv(path: Path, time_column: str, since: datetime, scan: VolumeScan) 
     column = table.column(0)
     if pa.types.is_timestamp(column.type) or pa.types.is_date(column.type):
         return int(pc.sum(pc.greater(column, _bound_for(column.type, since))).as_py() or 0)
-    return _count_text_times(column, since)
+    return _count_text_times(column, since, f"{path}: {time_column}")
 
 
 def scan_new_rows(source_glob: str, time_column: str, since: datetime) -> VolumeScan:
