@@ -10,6 +10,7 @@ import json
 import os
 import signal
 
+import pandas as pd
 import pytest
 import redis
 
@@ -180,6 +181,38 @@ def build_an_estimator_that_kills_its_worker(**params):
     """A policy's estimator build function (``tests.test_pipeline_reruns:...``) that dies as an
     OOM kill or a segfault in a fit does: SIGKILL of the process running it, every time."""
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TestSourceSchema:
+    def test_the_recorded_schema_is_the_one_the_upstream_monitor_reads(self, pipeline_env, redis_client, keys, tmp_path):
+        """A CSV with a date column and a boolean column with blanks: pandas reads both as object (text), Arrow as
+        date and bool. The model version's source schema is read as the monitor reads it, so the unchanged source is
+        not a breaking change at the next look (it was, at every look)."""
+        from datetime import datetime, timedelta, timezone
+
+        from events.producers.upstream import compare_schemas, schema_of_source
+        from tests.test_pipeline import TARGET, TIME
+
+        policy = pipeline_env()
+        now = datetime.now(timezone.utc)
+        rows = 300
+        frame = pd.DataFrame({
+            TIME: [(now - timedelta(hours=i)).isoformat() for i in range(rows)],
+            "signup": [(now - timedelta(days=i)).date().isoformat() for i in range(rows)],
+            "flag": [None if i % 50 == 0 else bool(i % 2) for i in range(rows)],
+            "amount": [float(i % 17) for i in range(rows)],
+            TARGET: [i % 2 for i in range(rows)],
+        })
+        csv = tmp_path / "csvdata" / "a.csv"
+        csv.parent.mkdir()
+        frame.to_csv(csv, index=False)
+        text = policy.read_text()
+        start = text.index('source = "')
+        policy.write_text(text[:start] + f'source = "{csv}"' + text[text.index("\n", start):]
+                          .replace("categorical = ", "categorical = [] # ", 1))
+        out = steps.run_step("validate_data", context("p-csv"))
+        diff = compare_schemas(out["source_schema"], schema_of_source(str(csv)))
+        assert diff.verdict == "unchanged", diff
 
 
 class TestOneRunAtATime:

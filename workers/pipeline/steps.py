@@ -221,9 +221,15 @@ def validate_data(env: _Env, ctx: dict[str, Any]) -> dict[str, Any]:
     work = env.workdir(ctx)
     split.train.to_parquet(work / "train.parquet", index=False)
     split.test.to_parquet(work / "holdout.parquet", index=False)
-    from events.producers.upstream import schema_fingerprint, schema_of_frame
+    from events.producers.upstream import schema_fingerprint, schema_of_frame, schema_of_source
 
-    source_schema = schema_of_frame(window.frame)
+    # Read as the upstream monitor reads the source later (Arrow types): pandas dtypes differ for dates,
+    # decimals and booleans with blanks, and every later look reported an unchanged source as a breaking change.
+    try:
+        source_schema = schema_of_source(policy.data.source)
+    except Exception as exc:  # noqa: BLE001 - the frame's own types, as before, rather than no schema
+        log.warning("pipeline.source_schema_from_frame", error=f"{type(exc).__name__}: {exc}")
+        source_schema = schema_of_frame(window.frame)
     return {**ctx, "train_uri": str(work / "train.parquet"), "holdout_uri": str(work / "holdout.parquet"),
             "source_schema": source_schema, "schema_fingerprint": schema_fingerprint(source_schema),
             "data_window": window.to_dict(), "holdout_cutoff": split.cutoff.isoformat() if split.cutoff else None,
