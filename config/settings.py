@@ -32,7 +32,22 @@ _MINIMUMS = {
     "visibility_timeout": timedelta(seconds=10),  # task time limits sit below it (celery_config)
     "rollout_tick": timedelta(milliseconds=100),
     "housekeeping_interval": timedelta(seconds=1),
+    "result_expires": timedelta(minutes=1),  # 0 s would store results without a TTL (and Redis is noeviction)
 }
+
+
+def _artifact_dir(root: str) -> Path:
+    """A local path or a ``file://`` URI (``file://localhost/...`` and %-escapes included) as a folder."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(root)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{root}: a file URI on another host is not supported")
+        return Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
+        raise ValueError(f"{root}: unsupported artifact URI scheme '{parsed.scheme}' (a local path or file:// URI)")
+    return Path(root)
 
 
 class Settings(BaseSettings):
@@ -100,6 +115,13 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least {floor.total_seconds():g}s")
         return value
 
+    @field_validator("artifact_root")
+    @classmethod
+    def _artifact_root(cls, value: str) -> str:
+        if value:
+            _artifact_dir(value)  # s3://bucket became a relative folder "s3:/bucket" under the working directory
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -124,8 +146,7 @@ class Settings(BaseSettings):
 
     @property
     def artifact_dir(self) -> Path:
-        root = self.artifact_root.removeprefix("file://")
-        return Path(root) if root else self.state_dir / "artifacts"
+        return _artifact_dir(self.artifact_root) if self.artifact_root else self.state_dir / "artifacts"
 
 
 @lru_cache(maxsize=1)

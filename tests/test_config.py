@@ -207,6 +207,9 @@ class TestSettings:
         ({"RETRAIN_DEDUP_RETENTION": "2m"}, "must cover an entry's redeliveries"),
         ({"RETRAIN_ROLLOUT_TICK": "3h"}, "must be shorter than RETRAIN_VISIBILITY_TIMEOUT"),
         ({"RETRAIN_STREAM_RETENTION": "99999999999d"}, "too long"),
+        ({"RETRAIN_RESULT_EXPIRES": "500ms"}, "must be at least 60s"),  # Celery read it as 0: results kept for ever
+        ({"RETRAIN_ARTIFACT_ROOT": "s3://bucket/models"}, "unsupported artifact URI scheme 's3'"),
+        ({"RETRAIN_ARTIFACT_ROOT": "file://nas/models"}, "another host"),
     ])
     def test_settings_that_would_break_a_guarantee_are_refused(self, monkeypatch, env, reason):
         """A claim idle of 0 s (live batches stolen), a dedup window shorter than the redeliveries, an
@@ -218,6 +221,15 @@ class TestSettings:
         with pytest.raises(ValidationError) as info:
             Settings()
         assert reason in str(info.value)
+
+    def test_a_file_uri_artifact_root_is_parsed_as_a_uri(self, monkeypatch):
+        """file://localhost/... and %-escapes are a URI's, not text to strip a prefix from."""
+        from pathlib import Path
+
+        monkeypatch.setenv("RETRAIN_ARTIFACT_ROOT", "file://localhost/srv/my%20models")
+        assert Settings().artifact_dir == Path("/srv/my models")
+        monkeypatch.setenv("RETRAIN_ARTIFACT_ROOT", "/var/lib/retrain/artifacts")
+        assert Settings().artifact_dir == Path("/var/lib/retrain/artifacts")
 
     def test_log_level_is_case_insensitive(self, monkeypatch):
         monkeypatch.setenv("RETRAIN_LOG_LEVEL", "debug")
