@@ -43,7 +43,14 @@ class TestUp:
             assert names == {"worker-decision", "worker-training", "worker-gate", "worker-rollout", "beat"}
             assert info["embedded_redis"] is True
             url_file = tmp_path / "state" / "redis" / "url"
-            assert url_file.read_text().startswith("redis://127.0.0.1:")
+            assert url_file.read_text().startswith("redis://:") and "@127.0.0.1:" in url_file.read_text()
+            assert url_file.stat().st_mode & 0o777 == 0o600
+            password = url_file.read_text().split(":")[2].split("@")[0]  # the embedded Redis has one of its own
+            assert password not in line and password not in open(f"/proc/{proc.pid}/cmdline").read()
+            import redis as redis_py
+
+            with pytest.raises(redis_py.AuthenticationError):  # without it, nobody gets in
+                redis_py.Redis.from_url(url_file.read_text().replace(f":{password}@", "")).ping()
             # Other commands find the running system through the URL file.
             status = subprocess.run([*RETRAIN, "emit", "--type", "volume.accumulated", "--model", "m",
                                      "--set", "new_samples=5", "--json"], env=env, cwd=ROOT,

@@ -8,6 +8,7 @@ stopped with SIGTERM (then SIGKILL after a grace period), also on Ctrl-C and on 
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -52,7 +53,11 @@ class LocalSystem:
         if external_url:
             self.redis_url = external_url
         else:
-            self.redis = EmbeddedRedis(self.state_dir / "redis", port=port).start()
+            # A password of its own: any local user could otherwise write to it (register a version whose
+            # artifact is theirs, say). It reaches the children in RETRAIN_REDIS_URL and the CLI through the
+            # URL file (mode 0600), never on a command line.
+            self.redis = EmbeddedRedis(self.state_dir / "redis", port=port,
+                                       password=secrets.token_urlsafe(24)).start()
             self.redis_url = self.redis.url
         write_private(url_file_for(self.state_dir), self.redis_url)
         return self.redis_url
