@@ -6,6 +6,7 @@ Secrets (the Redis password inside the URL, the ingest token, the alert webhook)
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -36,18 +37,20 @@ _MINIMUMS = {
 }
 
 
-def _artifact_dir(root: str) -> Path:
-    """A local path or a ``file://`` URI (``file://localhost/...`` and %-escapes included) as a folder."""
+def local_path(uri: str | os.PathLike[str]) -> Path:
+    """A local path or a ``file://`` URI (``file://localhost/...`` and %-escapes included) as a :class:`Path`:
+    the artifact root and every artifact URI. ValueError for another host or another scheme (``s3://``...)."""
     from urllib.parse import unquote, urlparse
 
-    parsed = urlparse(root)
+    text = os.fspath(uri)
+    parsed = urlparse(text)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"{root}: a file URI on another host is not supported")
+            raise ValueError(f"{text}: file URIs on another host are not supported")
         return Path(unquote(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter: a Windows drive
-        raise ValueError(f"{root}: unsupported artifact URI scheme '{parsed.scheme}' (a local path or file:// URI)")
-    return Path(root)
+        raise ValueError(f"{text}: unsupported artifact URI scheme '{parsed.scheme}'")
+    return Path(text)
 
 
 class Settings(BaseSettings):
@@ -119,7 +122,7 @@ class Settings(BaseSettings):
     @classmethod
     def _artifact_root(cls, value: str) -> str:
         if value:
-            _artifact_dir(value)  # s3://bucket became a relative folder "s3:/bucket" under the working directory
+            local_path(value)  # s3://bucket became a relative folder "s3:/bucket" under the working directory
         return value
 
     @field_validator("log_level")
@@ -146,7 +149,7 @@ class Settings(BaseSettings):
 
     @property
     def artifact_dir(self) -> Path:
-        return _artifact_dir(self.artifact_root) if self.artifact_root else self.state_dir / "artifacts"
+        return local_path(self.artifact_root) if self.artifact_root else self.state_dir / "artifacts"
 
 
 @lru_cache(maxsize=1)

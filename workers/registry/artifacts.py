@@ -27,7 +27,6 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import unquote, urlparse
 
 import skops.io as sio
 
@@ -128,15 +127,12 @@ def uri_to_path(uri: str | os.PathLike[str]) -> Path:
     ArtifactError
         For any other scheme (``s3://``, ``gs://``...), which is not supported yet.
     """
-    text = os.fspath(uri)
-    parsed = urlparse(text)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ArtifactError(f"{text}: file URIs on another host are not supported")
-        return Path(unquote(parsed.path))
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter = a Windows drive
-        raise ArtifactError(f"{text}: unsupported artifact URI scheme '{parsed.scheme}'")
-    return Path(text)
+    from config.settings import local_path
+
+    try:
+        return local_path(uri)
+    except ValueError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 def path_to_uri(path: Path) -> str:
