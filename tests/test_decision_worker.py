@@ -573,16 +573,15 @@ def _model_state(client, keys, model):
 
 class TestBatchRecording:
     def test_pending_entries_give_the_ids_and_the_debounce_window(self):
-        """Each pending entry is "<recorded at> <event id>": the ids in order, the window from the first to the last
-        time; an entry without a time (an older layout) is an id whose time is unknown."""
-        from workers.decision.state import parse_pending, pending_entry
+        """Each pending entry is "<recorded at> <event id>": its id and the time it was recorded; an entry without a
+        time (an older layout) is an id whose time is unknown."""
+        from workers.decision.state import parse_pending_entry, pending_entry
 
         entries = [pending_entry("100.500000", "e-1").encode(), pending_entry("103.000000", "e 2"), b"legacy-id"]
-        assert parse_pending(entries) == (["e-1", "e 2", "legacy-id"], 100.5, 103.0)
-        assert parse_pending([b"legacy-id"]) == (["legacy-id"], None, None)
+        assert [parse_pending_entry(e) for e in entries] == [("e-1", 100.5), ("e 2", 103.0), ("legacy-id", None)]
         # bare ids that read as numbers are ids, not times (one would be 1970, another past year 9999)
-        assert parse_pending([b"1001", b"8e12", b"inf x", b"nan y"]) == (["1001", "8e12", "inf x", "nan y"], None, None)
-        assert parse_pending([]) == ([], None, None)
+        assert [parse_pending_entry(e) for e in [b"1001", b"8e12", b"inf x", b"nan y"]] == [
+            ("1001", None), ("8e12", None), ("inf x", None), ("nan y", None)]
 
     def test_the_debounce_window_comes_from_the_first_and_last_entries(self):
         """The window is the first entry's time to the newest's, each parsed alone; a first entry without a time

@@ -262,7 +262,7 @@ def pending_entry(recorded_at: str, event_id: str) -> str:
 
 
 MAX_RECORDED_AT = 1e11
-"""Pending times beyond this (year 5138) are not times: such an entry is read as an id (see :func:`parse_pending`)."""
+"""Pending times beyond this (year 5138) are not times: such an entry is read as an id (see :func:`parse_pending_entry`)."""
 
 
 def parse_pending_entry(raw: Any) -> tuple[str, float | None]:
@@ -280,13 +280,6 @@ def parse_pending_entry(raw: Any) -> tuple[str, float | None]:
     if 0 <= recorded_at < MAX_RECORDED_AT:  # NaN (no time) fails this too
         return event_id, recorded_at
     return entry, None
-
-
-def parse_pending(entries: list[Any]) -> tuple[list[str], float | None, float | None]:
-    """Pending-list entries -> (event ids, first recorded at, last recorded at); see :func:`pending_entry`."""
-    parsed = [parse_pending_entry(raw) for raw in entries]
-    times = [t for _, t in parsed if t is not None]
-    return [i for i, _ in parsed], (min(times) if times else None), (max(times) if times else None)
 
 
 def pending_window(first: Any, newest: list[Any]) -> tuple[float | None, float | None]:
@@ -697,5 +690,5 @@ class DecisionStore:
         return [json.loads(r) for r in pipe.execute() if r]
 
 
-__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys", "parse_pending", "parse_pending_entry",
+__all__ = ["DecisionStore", "ModelKeys", "StoredState", "model_keys", "parse_pending_entry",
            "pending_entry", "pending_window"]
