@@ -489,6 +489,7 @@ def check_no_regression(ctx: GateContext, cfg: GateSection) -> CheckResult:
     cand_proba, prod_proba = (ctx.candidate_proba, ctx.production_proba) if name == "roc_auc" else (None, None)
     new = metric(name, ctx.y, ctx.candidate_pred, cand_proba, ctx.labels)
     prod = metric(name, ctx.y, ctx.production_pred, prod_proba, ctx.labels)
+    undefined = False
     if name == "accuracy":  # McNemar tests exactly accuracy; any other metric needs its own test
         test = _mcnemar(ctx)
         significant = test["p_value"] < alpha
@@ -497,16 +498,16 @@ def check_no_regression(ctx: GateContext, cfg: GateSection) -> CheckResult:
         test = _paired_bootstrap(ctx, name, alpha)
         # Undefined (nan) when resamples lack a class the metric needs (roc_auc with a handful of
         # positives): the test cannot clear the drop, so a drop beyond the tolerance blocks.
-        significant = not np.isfinite(test["upper_bound"]) or test["upper_bound"] < 0
-        evidence = (f"paired_bootstrap: {1 - alpha:.0%} upper bound of delta {test['upper_bound']:+.4f}"
-                    if np.isfinite(test["upper_bound"]) else
-                    "paired_bootstrap: the bound is undefined (resamples without every class the metric needs)")
+        undefined = not np.isfinite(test["upper_bound"])
+        significant = undefined or test["upper_bound"] < 0
+        evidence = ("paired_bootstrap: the bound is undefined (resamples without every class the metric needs)"
+                    if undefined else f"paired_bootstrap: {1 - alpha:.0%} upper bound of delta {test['upper_bound']:+.4f}")
     delta = new - prod
     beyond = delta < -cfg.max_regression
     passed = not (beyond and significant)
     if not beyond:
         detail = f"{name} {new:.4f} vs production {prod:.4f} (delta {delta:+.4f}, tolerance -{cfg.max_regression}; {evidence})"
-    elif significant and "undefined" in evidence:
+    elif undefined:
         detail = f"{name} dropped {-delta:.4f} > {cfg.max_regression} and noise cannot be told from it ({evidence})"
     elif significant:
         detail = f"{name} dropped {-delta:.4f} > {cfg.max_regression} and the drop is significant ({evidence}, alpha {alpha})"
