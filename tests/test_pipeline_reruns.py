@@ -329,11 +329,12 @@ class TestWorkerLostEveryTime:
                  message=f"the pipeline failed at train (log {worker.log_path})")
         reason = f"worker lost {steps.MAX_STEP_STARTS} times while running train"
         assert redis_client.hget(record, "error").decode() == reason
+        # The status is the failure handler's first write and the slot's release its last.
+        wait_for(lambda: not redis_client.hexists(keys.guard(MODEL), "in_flight"), timeout=20, message="slot released")
         events = {e["id"]: e for e in (json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for(MODEL)))}
         assert events[f"{pid}:training.failed"]["data"]["error"] == reason
         alerts = [json.loads(a)["data"] for a in redis_client.lrange(keys.alerts(MODEL), 0, -1)]
         assert [(a["severity"], a["message"]) for a in alerts] == [("critical", reason)]
-        wait_for(lambda: not redis_client.hexists(keys.guard(MODEL), "in_flight"), timeout=20, message="slot released")
         assert worker.log().count("exited with 'signal 9 (SIGKILL)'") == steps.MAX_STEP_STARTS  # ran 3 times, not 4
         assert int(redis_client.get(keys.step_deliveries(MODEL, pid, "train"))) == steps.MAX_STEP_STARTS + 1
         assert Registry(redis_client, keys).versions(MODEL) == []

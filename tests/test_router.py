@@ -552,7 +552,9 @@ class TestShadow:
         router.predict(row(), "first")
         wait_for(lambda: router.flush(timeout=1.0), timeout=30)
         os.kill(router._shadow._proc.pid, signal.SIGKILL)
+        # Mirrors sent while the new process is being started are dropped (and counted): wait until it is in place.
         wait_for(lambda: router.status()["stats"]["shadow_restarts"] == 1, timeout=5)
+        wait_for(lambda: router.status()["stats"]["shadow_alive"] == 1, timeout=10)
         served = router.status()["stats"]["shadow_requests"]
         for i in range(5):
             router.predict(row(i), f"later{i}")
