@@ -48,7 +48,7 @@ class TestRelayProcess:
         assert svc.relay.start_cpu_seconds() > 0  # loading Celery, reported apart from the relaying
         svc.bus.publish(drift(score=0.2))
         step(svc)
-        [rec] = records(svc)
+        [rec] = wait_for(lambda: records(svc), message="the decision (the relay's own round may make it)")
         assert rec["action"] == "start"
         fields = wait_for(lambda: (f := pipeline_fields(redis_client, keys, rec)).get("enqueued_at") and f,
                           message="the relay to enqueue the pipeline")
@@ -112,7 +112,7 @@ class TestRelayProcess:
         wait_for(svc.relay.ready, timeout=120, message="the new relay to load Celery")
         svc.bus.publish(drift(score=0.2))
         step(svc)
-        [rec] = records(svc)
+        [rec] = wait_for(lambda: records(svc), message="the decision (the relay's own round may make it)")
         wait_for(lambda: pipeline_fields(redis_client, keys, rec).get("enqueued_by") == "worker-1:relay",
                  timeout=120, message="the new relay to enqueue")
         assert queued(redis_client, "training.low") == 1
@@ -266,12 +266,16 @@ class TestRelayHandOver:
         def broken(events):
             raise ConnectionError("Redis went away")
 
-        svc.bus.publish(drift(score=0.2))
-        svc.consumer.poll(block_ms=10)
-        svc.bus.publish_many = broken
-        with pytest.raises(ConnectionError):
-            svc.after_batch()
-        svc.bus.publish_many = publish_many
+        os.kill(svc.relay.pid, signal.SIGSTOP)  # its own rounds (every ROUND_WAIT_S) must not make this decision
+        try:
+            svc.bus.publish(drift(score=0.2))
+            svc.consumer.poll(block_ms=10)
+            svc.bus.publish_many = broken
+            with pytest.raises(ConnectionError):
+                svc.after_batch()
+            svc.bus.publish_many = publish_many
+        finally:
+            os.kill(svc.relay.pid, signal.SIGCONT)
         [rec] = records(svc)
         time.sleep(1.0)  # the relay is up: it would have enqueued by now
         assert redis_client.llen(keys.enqueue_queue()) == 0 and queued(redis_client, "training.low") == 0
@@ -448,12 +452,15 @@ class TestSharedFlag:
 
 
 class TestEvaluatorThreads:
-    def test_a_cue_during_one_threads_round_starts_the_other_threads_round(self):
+    def test_a_cue_during_one_threads_round_starts_the_other_threads_round(self, monkeypatch):
         """Two evaluator threads take cues in turn: while one's round is held (waiting on Redis, say), the next
         cue starts a round on the other thread, and a cue starts one round, not one per thread."""
         import threading
 
+        from workers.decision import relay
         from workers.decision.relay import evaluate_rounds
+
+        monkeypatch.setattr(relay, "ROUND_WAIT_S", 5.0)  # no idle-timeout round within the test's waits
 
         held, running_rounds, lock = threading.Event(), [], threading.Lock()
         rounds = {"started": 0, "max_running": 0}
@@ -484,11 +491,12 @@ class TestEvaluatorThreads:
             os.write(write_fd, b"x")
             wait_for(lambda: rounds["max_running"] == 2, timeout=5, message="a second round beside the held one")
             started = rounds["started"]
-            time.sleep(0.2)
-            assert rounds["started"] == started == 2  # one round per cue (the idle wait is 0.5 s)
+            time.sleep(0.5)
+            assert rounds["started"] == started == 2  # one round per cue
         finally:
             held.set()
             stop.set()
+            os.write(write_fd, b"xx")  # wake the waiting thread to see the stop
             for t in threads:
                 t.join(5)
             os.close(read_fd)

@@ -829,14 +829,19 @@ class TestTwoWorkers:
         store = DecisionStore(redis_client, keys_from_settings(settings))
         wait_for(lambda: all(any(r["action"] == "start" for r in store.recent_records(m, 100)) for m in "abc"),
                  timeout=30, message="a start decision for each model")
-        time.sleep(1.0)
+        keys = keys_from_settings(settings)
+
+        def enqueuers() -> list:  # a record is committed before its relay enqueues the pipeline
+            return [redis_client.hget(keys.pipeline(m, r["pipeline_id"]), "enqueued_by")
+                    for m in "abc" for r in store.recent_records(m, 100) if r["action"] == "start"]
+
+        wait_for(lambda: all(enqueuers()), timeout=30, message="every start enqueued")
+        time.sleep(1.0)  # room for a second start, if either worker were to make one
         for m in "abc":
             starts = [r for r in store.recent_records(m, 100) if r["action"] == "start"]
             assert len(starts) == 1, starts
         assert queued(redis_client, "training.high") == 3
         deciders = {r["decided_by"] for m in "abc" for r in store.recent_records(m, 100)}
         assert deciders  # records name the worker that decided
-        keys = keys_from_settings(settings)
-        enqueuers = {redis_client.hget(keys.pipeline(m, r["pipeline_id"]), "enqueued_by").decode()
-                     for m in "abc" for r in store.recent_records(m, 100) if r["action"] == "start"}
+        enqueuers = {e.decode() for e in enqueuers()}
         assert enqueuers and all(e.endswith("@test:relay") for e in enqueuers)  # relays (any worker's) enqueued

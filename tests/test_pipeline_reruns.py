@@ -256,8 +256,8 @@ class TestOneRunAtATime:
         from workers.pipeline.lease import StepBusy, StepLease
 
         key = keys.step_lease(MODEL, "p-8", "train")
-        with StepLease(redis_client, key, lease_s=0.3) as held:
-            time.sleep(1.0)  # three TTLs
+        with StepLease(redis_client, key, lease_s=1.0) as held:
+            time.sleep(2.5)  # two and a half TTLs
             assert redis_client.get(key).decode() == held.token
             with pytest.raises(StepBusy):
                 with StepLease(redis_client, key):
@@ -277,16 +277,17 @@ class TestOneRunAtATime:
     @pytest.mark.slow
     def test_a_delivery_that_finds_its_step_running_elsewhere_retries_until_it_can(self, start_worker, redis_client,
                                                                                    keys, tmp_path):
-        """On a real worker: validate_data's lease is held by a run on another host (3 s left); the task does not run
-        the step, retries (STEP_BUSY_RETRY_S later), and then runs it."""
+        """On a real worker: validate_data's lease is held by a run on another host; the task does not run the step,
+        retries (STEP_BUSY_RETRY_S later), and runs it once that run has let the lease go."""
         from workers.pipeline.tasks import STEP_BUSY_RETRY_S, validate_data
 
         worker = start_worker("all", env=setup_model(tmp_path))
         lease = keys.step_lease(MODEL, "p-busy", "validate_data")
-        redis_client.set(lease, "another-host:1:busy", px=3000)
+        redis_client.set(lease, "another-host:1:busy", px=60_000)  # longer than a cold pool process takes to start
         validate_data.apply_async((context("p-busy"),), task_id="p-busy.validate_data", queue="training.high")
         wait_for(lambda: "pipeline.step_busy" in worker.log(), timeout=30, message="the busy delivery")
         assert not redis_client.exists(keys.step_done(MODEL, "p-busy", "validate_data"))
+        redis_client.delete(lease)  # the other host's run ends
         wait_for(lambda: redis_client.exists(keys.step_done(MODEL, "p-busy", "validate_data")),
                  timeout=STEP_BUSY_RETRY_S + 30, message=f"the retried step (log {worker.log_path})")
 
@@ -325,7 +326,7 @@ class TestWorkerLostEveryTime:
         request(EventBus.from_settings(redis_client, settings))
         pid = wait_for(lambda: _decided_pipeline(redis_client, keys), timeout=30, message="a pipeline decided")
         record = keys.pipeline(MODEL, pid)
-        wait_for(lambda: redis_client.hget(record, "status") == b"failed:train", timeout=120,
+        wait_for(lambda: redis_client.hget(record, "status") == b"failed:train", timeout=180,
                  message=f"the pipeline failed at train (log {worker.log_path})")
         reason = f"worker lost {steps.MAX_STEP_STARTS} times while running train"
         assert redis_client.hget(record, "error").decode() == reason
