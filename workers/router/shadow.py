@@ -47,6 +47,8 @@ MAX_MIRROR_BYTES = 8 << 20
 """Pipe buffer asked for between the router and its shadow process, and the most bytes of
 mirrors buffered on this side while the pipe is full."""
 RESTART_BACKOFF_MAX_S = 60.0
+KILL_WAIT_S = 5.0
+"""How long ``stop`` waits for a killed shadow process to be gone before it goes on without it."""
 SHADOW_NICE = 10
 """The shadow process runs at the lowest CPU priority (``SCHED_IDLE`` on Linux, else this nice
 value): when cores are scarce the kernel runs the request path first and the shadow falls behind
@@ -415,7 +417,10 @@ class ShadowProcess:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait(1.0)
+                try:
+                    proc.wait(KILL_WAIT_S)
+                except subprocess.TimeoutExpired:  # killed, but at idle priority on busy cores it may not have run yet
+                    log.warning("router.shadow_process_not_reaped", model=self.spec["model"], pid=proc.pid)
         with self._lock:
             unanswered = max(0, self._accepted - self._lost - self.counters.processed)
             self.dropped += unanswered
