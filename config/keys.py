@@ -142,6 +142,10 @@ class Keys:
         """String (with a TTL): an alert's webhook is being sent or was sent ("sending" / "sent")."""
         return f"{self.prefix}:alert:sent:{alert_id}"
 
+    def alert_webhook_outbox(self) -> str:
+        """Hash: alert id -> alert event committed by a decision whose webhook post has not been attempted yet."""
+        return f"{self.prefix}:alert:webhook_outbox"
+
     def lock(self, model: str, name: str) -> str:
         return self._model(model, f"lock:{name}")
 

@@ -294,16 +294,33 @@ class EventBus:
             self._write(by_stream)
         return result
 
+    def publish_in(self, pipe, events: Iterable[CloudEvent]) -> None:
+        """Queue the events' writes into the caller's transaction ``pipe``: they are written with
+        its other commands (a record and the event that announces it), or not at all.
+
+        Raises EventError for an event over the size limit (nothing of the batch is queued then).
+        """
+        by_stream: dict[str, list[str]] = {}
+        for event in events:
+            payload = stream_json(event)
+            check_size(payload, self.max_event_bytes)
+            by_stream.setdefault(self.keys.events_for(event.subject), []).append(payload)
+        if by_stream:
+            self._queue_writes(pipe, by_stream)
+
     def _write(self, by_stream: dict[str, list[str]]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        self._queue_writes(pipe, by_stream)
+        pipe.execute()
+
+    def _queue_writes(self, pipe, by_stream: dict[str, list[str]]) -> None:
         # EVAL with the (small) body rather than EVALSHA: no SCRIPT EXISTS round trip per
         # chunk, and no NOSCRIPT failure of some shards after a server restart.
         if not self._layout_checked:
             check_stream_layout(self.redis, self.keys)
             self._layout_checked = True
-        pipe = self.redis.pipeline(transaction=False)
         for stream, payloads in by_stream.items():
             pipe.eval(XADD_MANY, 1, stream, self.maxlen, *payloads)
-        pipe.execute()
 
     def publish_raw(self, model_or_shard: str | int, payload: str | bytes) -> str:
         """Write a payload without validation (for tests and re-publishing raw entries)."""

@@ -16,7 +16,7 @@ from config.settings import Settings
 from events.bus import EventBus
 from events.envelope import new_event
 from tests.support import ROOT, retrain_cli, wait_for
-from workers.decision.service import DecisionService
+from workers.decision.service import OUTBOX_GRACE_S, DecisionService
 
 POLICY = """
 [model]
@@ -433,6 +433,94 @@ class TestEnqueueOutbox:
         [rec] = records(svc)
         fields = redis_client.hgetall(keys.pipeline("churn", rec["pipeline_id"]))
         assert fields[b"status"] == b"running:validate_data" and b"enqueued_at" in fields
+
+
+class TestDecisionAlerts:
+    """A decision's alert: its event is written with the record, and its webhook is posted once, even when the
+    worker dies between the commit and the post."""
+
+    @pytest.fixture
+    def hook(self):
+        import threading
+        from http.server import HTTPServer
+
+        from tests.test_registry_and_failures import _Hook
+
+        server = HTTPServer(("127.0.0.1", 0), _Hook)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        _Hook.received.clear()
+        yield f"http://127.0.0.1:{server.server_port}/hook", _Hook.received
+        server.shutdown()
+
+    def breaking_change(self, redis_client, redis_server, tmp_path, url):
+        s = Settings(redis_url=redis_server.url, policy_dir=write_policy(tmp_path / "policies"),
+                     state_dir=tmp_path / "state", alert_webhook_url=url)
+        svc = DecisionService(redis_client, s, "worker-1")
+        svc.consumer.ensure_group()
+        svc.bus.publish(new_event("upstream.changed", "churn", {"removed": ["age"], "breaking": True}))
+        svc.bus.publish(drift(score=0.5))
+        svc.consumer.poll(block_ms=10)
+        return svc
+
+    def logged(self, redis_client, svc) -> list[str]:
+        return [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(svc.keys.events_for("churn"))]
+
+    def test_the_alert_is_posted_once_and_leaves_the_outbox(self, redis_client, redis_server, tmp_path, hook):
+        url, received = hook
+        svc = self.breaking_change(redis_client, redis_server, tmp_path, url)
+        svc.after_batch()
+        wait_for(lambda: received and not redis_client.exists(svc.keys.alert_webhook_outbox()),
+                 message="the post, and the alert out of the webhook outbox")
+        [body] = received
+        assert body["alert"]["data"]["severity"] == "critical" and "age" in body["alert"]["data"]["message"]
+        assert {"retrain.suppressed", "alert.raised"} <= set(self.logged(redis_client, svc))
+        svc._last_replay = 0.0
+        svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1)
+        assert len(received) == 1
+
+    def test_a_worker_that_dies_after_the_commit_loses_neither_the_events_nor_the_post(
+            self, redis_client, redis_server, tmp_path, hook, monkeypatch):
+        """Dying right after the commit (before any post): the suppression and the alert are in the model's log
+        already, the alert waits in the webhook outbox, and the outbox replay posts it, once."""
+        class Died(Exception):
+            pass
+
+        url, received = hook
+        svc = self.breaking_change(redis_client, redis_server, tmp_path, url)
+        alerts_key, new_pipeline = svc.keys.alerts("churn"), redis_client.pipeline
+
+        def pipeline(*args, **kwargs):  # the transaction that records the alert commits, then the process is gone
+            pipe = new_pipeline(*args, **kwargs)
+            execute = pipe.execute
+
+            def execute_and_die(*a, **k):
+                alerting = any(cmd[0][1:2] == (alerts_key,) for cmd in pipe.command_stack)
+                result = execute(*a, **k)
+                if alerting:
+                    raise Died("the worker process is gone")
+                return result
+
+            pipe.execute = execute_and_die
+            return pipe
+
+        monkeypatch.setattr(redis_client, "pipeline", pipeline)
+        with pytest.raises(Died):
+            svc.after_batch()
+        monkeypatch.undo()
+        [rec] = records(svc)
+        assert rec["action"] == "suppress"
+        assert {"retrain.suppressed", "alert.raised"} <= set(self.logged(redis_client, svc))
+        assert redis_client.hlen(svc.keys.alert_webhook_outbox()) == 1 and received == []
+        svc._last_replay = 0.0
+        svc.replay_outbox(time.time() + 1)  # within the grace period: its own worker may still be posting it
+        assert received == []
+        svc._last_replay = 0.0
+        svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1)
+        assert len(received) == 1 and received[0]["alert"]["data"]["severity"] == "critical"
+        assert not redis_client.exists(svc.keys.alert_webhook_outbox())
+        svc._last_replay = 0.0
+        svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1)
+        assert len(received) == 1
 
 
 class TestStaleSlot:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,13 +31,20 @@ ALERTS_KEPT = 100
 WEBHOOK_TIMEOUT_S = 3.0
 SENDING_CLAIM_S = 60
 """A run's claim to post an alert's webhook; a run that died mid-post leaves it to expire."""
+ALERT_TEXT_CHARS = 2000
+WEBHOOK_REPLAYS_PER_CALL = 10
+"""Most webhooks one outbox replay posts (one at a time, each up to ``WEBHOOK_TIMEOUT_S``)."""
 SENT_KEPT_S = 30 * 86400
 """How long an alert id is remembered as sent."""
 
 
 def alert_event(model: str, severity: str, title: str, message: str = "", *, event_id: str | None = None,
                 **context: Any):
-    """The ``alert.raised`` event; ``event_id`` makes its id deterministic (random when None)."""
+    """The ``alert.raised`` event; ``event_id`` makes its id deterministic (random when None).
+
+    Title and message are cut to ``ALERT_TEXT_CHARS`` (an exception's text can be any length; the
+    event must fit the bus's size limit)."""
+    title, message = title[:ALERT_TEXT_CHARS], message[:ALERT_TEXT_CHARS]
     return new_event("alert.raised", model, {"severity": severity, "title": title, "message": message, **context},
                      source="urn:retrain:alerts", id=event_id)
 
@@ -103,11 +111,13 @@ def notify_webhook(event, url: str | None, *, background: bool = True,
         _post()
 
 
-def notify_once(client, keys: Keys, event, url: str | None, *, background: bool = True) -> bool:
+def notify_once(client, keys: Keys, event, url: str | None, *, background: bool = True,
+                after: Callable[[], None] | None = None) -> bool:
     """Send the alert's webhook unless it was sent, or is being sent, already; return whether this call sends it.
 
     See the module docstring: the claim becomes "sent" after a successful POST and is dropped after
-    a failed one, so a later run with the same alert id tries again.
+    a failed one, so a later run with the same alert id tries again. ``after()`` runs once the
+    attempt is over and its claim updated.
     """
     if not url:
         return False
@@ -121,11 +131,69 @@ def notify_once(client, keys: Keys, event, url: str | None, *, background: bool 
                 client.set(key, "sent", ex=SENT_KEPT_S)
             else:
                 client.delete(key)
+            if after is not None:
+                after()
         except redis.RedisError as exc:  # the claim expires: a later run may send it again
             log.warning("alert.webhook_mark_failed", model=event.subject, error=type(exc).__name__)
 
     notify_webhook(event, url, background=background, on_done=done)
     return True
+
+
+# --- the webhook outbox: alerts committed with a decision ---------------------------------------
+# The decision worker records its alerts and their events in the transaction that commits the
+# decision; the webhook can only be posted after it. A worker that dies in between would lose the
+# post, so the alert also goes into the webhook outbox in that transaction and leaves it once the
+# post was attempted (sent, or failed and logged: a failed post is not retried, as anywhere else).
+# The decision service's outbox replay posts what a dead worker left (:func:`replay_webhooks`).
+
+
+def queue_webhook(pipe, keys: Keys, event) -> None:
+    """Put the alert into the webhook outbox, in the caller's transaction."""
+    pipe.hset(keys.alert_webhook_outbox(), event.id, event.to_json())
+
+
+def send_queued_webhook(client, keys: Keys, event, url: str | None, *, background: bool = True) -> None:
+    """Post an outbox alert's webhook (at most once per id, :func:`notify_once`), then take it out of the outbox.
+
+    Left in the outbox while another run is posting it (the claim is "sending"): that run takes it
+    out, or, if it died, the claim expires and a later replay posts it.
+    """
+    outbox = keys.alert_webhook_outbox()
+
+    def taken_out() -> None:
+        client.hdel(outbox, event.id)
+
+    if notify_once(client, keys, event, url, background=background, after=taken_out):
+        return
+    if not url or client.get(keys.alert_sent(event.id)) == b"sent":
+        taken_out()
+
+
+def replay_webhooks(client, keys: Keys, url: str | None, older_than_s: float, now: float | None = None,
+                    limit: int = WEBHOOK_REPLAYS_PER_CALL) -> int:
+    """Post the webhooks of outbox alerts raised more than ``older_than_s`` ago (their worker died
+    before posting), at most ``limit`` of them (each post may take ``WEBHOOK_TIMEOUT_S``); return how
+    many were attempted. Synchronous."""
+    from events.envelope import parse_event
+
+    now = time.time() if now is None else now
+    attempted = 0
+    for alert_id, raw in client.hgetall(keys.alert_webhook_outbox()).items():
+        try:
+            event = parse_event(raw)
+        except Exception as exc:  # noqa: BLE001 - an unreadable entry is dropped with a reason, never retried forever
+            log.error("alert.webhook_outbox_unreadable", alert_id=alert_id.decode(errors="replace"), error=str(exc)[:200])
+            client.hdel(keys.alert_webhook_outbox(), alert_id)
+            continue
+        if now - event.time.timestamp() < older_than_s:
+            continue  # its own worker is posting it
+        if attempted >= limit:
+            break  # the rest at the next replay
+        log.warning("alert.webhook_replayed", model=event.subject, alert_id=event.id)
+        send_queued_webhook(client, keys, event, url, background=False)
+        attempted += 1
+    return attempted
 
 
 def raise_alert(client, keys: Keys, bus, model: str, severity: str, title: str, message: str = "",

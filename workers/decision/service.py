@@ -37,7 +37,8 @@ from config.settings import Settings, get_settings
 from events.bus import EventBus, StreamConsumer, gc_paused
 from events.envelope import CloudEvent, new_event
 from events.types import SIGNAL_TYPES
-from workers.alerts import alert_event, notify_webhook, record_alert, webhook_url_from_settings
+from workers.alerts import (alert_event, queue_webhook, record_alert, replay_webhooks, send_queued_webhook,
+                            webhook_url_from_settings)
 from workers.decision.policy import apply_guards, evaluate
 from workers.decision.relay import RelayProcess, celery_enqueue, enqueue_recorded, run_rounds, warm_up_celery
 from workers.decision.state import STATE_SIGNALS, DecisionStore, StoredState, model_keys, pending_entry
@@ -462,23 +463,32 @@ class DecisionService:
                 slots.append((record, self.store.take_slot(pipe, record, now)))
             else:
                 events.append(self._event("retrain.suppressed", record))
+        # The suppressions' and alerts' events are written with their records (or not at all); an
+        # alert's webhook can only be posted after the commit, so it is also put in the webhook
+        # outbox, which the replay posts from if this worker dies first.
+        self.bus.publish_in(pipe, events + alerts)
+        webhook = webhook_url_from_settings(self.settings)
+        if webhook:
+            for ev in alerts:
+                queue_webhook(pipe, self.keys, ev)
         # How every evaluation ends, in one call, last: it reads the guard's in-flight slot (a
         # follow-up waits only for the pipeline it saw), which the commands above may have changed.
         self.store.end_evaluations(pipe, outcomes, lease, now)
         results = pipe.execute()
+        for ev in alerts:
+            log.warning("alert.raised", model=ev.subject, title=ev.data["title"])
+            send_queued_webhook(self.redis, self.keys, ev, webhook)
+        # retrain.decided only once the slot is known to be taken (the take-slot command's result).
+        decided: list[CloudEvent] = []
         to_start: list[dict[str, Any]] = []
         for record, index in slots:
             if results[index]:
                 to_start.append(record)
-                events.append(self._event("retrain.decided", record))
+                decided.append(self._event("retrain.decided", record))
             else:
-                events.append(self._event("retrain.suppressed", self._slot_lost(record)))
-        if events or alerts:
-            self.bus.publish_many(events + alerts)
-        webhook = webhook_url_from_settings(self.settings)
-        for ev in alerts:
-            log.warning("alert.raised", model=ev.subject, title=ev.data["title"])
-            notify_webhook(ev, webhook)
+                decided.append(self._event("retrain.suppressed", self._slot_lost(record)))
+        if decided:
+            self.bus.publish_many(decided)
         # After retrain.decided is out (a crash before this point leaves the outbox to the replay,
         # which publishes it first): to the relay if it is up, else enqueued here.
         if to_start and self.relay is not None and self.relay.ready():
@@ -593,6 +603,7 @@ class DecisionService:
         if now - self._last_replay < OUTBOX_REPLAY_S:
             return 0
         self._last_replay = now
+        replay_webhooks(self.redis, self.keys, webhook_url_from_settings(self.settings), OUTBOX_GRACE_S, now)
         started = 0
         for pipeline_id, record in self.store.outbox().items():
             if now - float(record["timestamp"]) < OUTBOX_GRACE_S:
