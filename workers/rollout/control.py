@@ -38,6 +38,7 @@ from workers.alerts import notify_once, record_alert_once
 from workers.registry.store import Registry
 from workers.rollout import machine
 from workers.rollout.analysis import shadow_pairs, summarize
+from workers.rollout.evidence import PHASE_EVIDENCE
 from workers.rollout.machine import Emit, Promote, Rollback, RolloutState, SetTraffic
 
 log = structlog.get_logger(__name__)
@@ -446,29 +447,11 @@ class RolloutControl:
         """The router's request records served after the phase started, with delayed labels joined.
 
         Never a record of the phase before: the previous phase's traffic (shadow mirrors, a lower
-        split) is no evidence for this one.
+        split) is no evidence for this one. Read incrementally: this process keeps the phase's
+        records between ticks and reads only what was written since (``workers.rollout.evidence``).
         """
-        from workers.router.router import decode_feedback, decode_request
-
-        started = state.phase_started_at.timestamp()
-        rollout_ms = int(state.started_at.timestamp() * 1000)
-        labels = {}
-        for _, fields in self.redis.xrange(self.keys.feedback(model), min=f"{rollout_ms}-0"):
-            fb = decode_feedback(fields)
-            labels[fb["request_id"]] = fb["label"]
-        records = []
-        # Stream ids are milliseconds: the phase's own millisecond also holds records written just
-        # before it started, so the window opens at the next millisecond (losing at most one
-        # millisecond of the new phase's evidence, against minutes of phase). The router writes its
-        # log in batches up to ~0.25 s late, so a record served in the previous phase may still land
-        # after that: each record's own serve time (``ts``) must be past the start too.
-        for _, fields in self.redis.xrange(self.keys.requests(model), min=f"{int(started * 1000) + 1}-0"):
-            rec = decode_request(fields)
-            if rec["ts"] is not None and rec["ts"] < started:
-                continue
-            primary = rec["shadow_of"] or rec["request_id"]
-            records.append({**rec, "error": bool(rec["error"]), "label": labels.get(primary)})
-        return records
+        return PHASE_EVIDENCE.records(self.redis, self.keys, model, int(state.started_at.timestamp() * 1000),
+                                      state.phase_started_at.timestamp())
 
 
 def _empty(version: str, task: str):
