@@ -294,19 +294,29 @@ class EventBus:
             self._write(by_stream)
         return result
 
-    def publish_in(self, pipe, events: Iterable[CloudEvent]) -> None:
+    def publish_in(self, pipe, events: Iterable[CloudEvent]) -> PublishResult:
         """Queue the events' writes into the caller's transaction ``pipe``: they are written with
         its other commands (a record and the event that announces it), or not at all.
 
-        Raises EventError for an event over the size limit (nothing of the batch is queued then).
+        An event over the size limit is left out and logged as an error (its record, the caller's
+        own write, still goes in: one oversized event must not stop the transaction).
         """
+        result = PublishResult()
         by_stream: dict[str, list[str]] = {}
-        for event in events:
+        for index, event in enumerate(events):
             payload = stream_json(event)
-            check_size(payload, self.max_event_bytes)
+            try:
+                check_size(payload, self.max_event_bytes)
+            except EventError as exc:
+                log.error("bus.event_left_out", event_id=event.id, type=event.type, model=event.subject,
+                          error=str(exc))
+                result.rejected.append((index, str(exc)))
+                continue
             by_stream.setdefault(self.keys.events_for(event.subject), []).append(payload)
+            result.published.append(event.id)
         if by_stream:
             self._queue_writes(pipe, by_stream)
+        return result
 
     def _write(self, by_stream: dict[str, list[str]]) -> None:
         pipe = self.redis.pipeline(transaction=False)

@@ -510,17 +510,45 @@ class TestDecisionAlerts:
         [rec] = records(svc)
         assert rec["action"] == "suppress"
         assert {"retrain.suppressed", "alert.raised"} <= set(self.logged(redis_client, svc))
-        assert redis_client.hlen(svc.keys.alert_webhook_outbox()) == 1 and received == []
-        svc._last_replay = 0.0
-        svc.replay_outbox(time.time() + 1)  # within the grace period: its own worker may still be posting it
+        outbox = svc.keys.alert_webhook_outbox()
+        [alert_id] = [a.decode() for a in redis_client.hkeys(outbox)]
         assert received == []
-        svc._last_replay = 0.0
-        svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1)
-        assert len(received) == 1 and received[0]["alert"]["data"]["severity"] == "critical"
-        assert not redis_client.exists(svc.keys.alert_webhook_outbox())
-        svc._last_replay = 0.0
-        svc.replay_outbox(time.time() + OUTBOX_GRACE_S + 1)
+
+        def replay(after_s: float) -> None:
+            svc._last_replay = 0.0
+            svc.replay_outbox(time.time() + after_s)
+
+        replay(1)  # within the grace period: its own worker may still be posting it
+        time.sleep(0.3)
+        assert received == [] and redis_client.hlen(outbox) == 1
+        redis_client.set(svc.keys.alert_sent(alert_id), "sending", ex=60)  # another run is posting it
+        replay(OUTBOX_GRACE_S + 1)
+        time.sleep(0.3)
+        assert received == [] and redis_client.hlen(outbox) == 1  # left to that run (or to its claim's expiry)
+        redis_client.delete(svc.keys.alert_sent(alert_id))  # that run died mid-post: its claim expired
+        replay(OUTBOX_GRACE_S + 1)
+        wait_for(lambda: received and not redis_client.exists(outbox), message="the replayed post")
+        assert len(received) == 1 and received[0]["alert"]["id"] == alert_id
+        assert redis_client.get(svc.keys.alert_sent(alert_id)) == b"sent"
+        redis_client.hset(outbox, alert_id, json.dumps(received[0]["alert"]))  # as if left by a worker that died
+        replay(OUTBOX_GRACE_S + 1)  # ... after the post: marked sent, so taken out without a second post
+        wait_for(lambda: not redis_client.exists(outbox), message="the sent alert out of the outbox")
         assert len(received) == 1
+
+    def test_a_suppression_whose_reason_is_over_the_event_size_still_decides(self, make_service, redis_client):
+        """A breaking change that removes 4,500 columns: the record keeps the whole reason, its event a cut one,
+        and the round commits (an event over the bus's size limit would have stopped every decision)."""
+        svc = make_service()
+        removed = [f"c{i}" for i in range(4500)]
+        svc.bus.publish(new_event("upstream.changed", "churn", {"removed": removed, "breaking": True}))
+        svc.bus.publish(drift(score=0.5))
+        step(svc)
+        [rec] = records(svc)
+        assert rec["action"] == "suppress" and removed[-1] in rec["reason"]
+        assert len(rec["reason"]) > svc.bus.max_event_bytes  # the whole reason would not fit an event
+        [event] = [json.loads(f[b"e"]) for _, f in redis_client.xrange(svc.keys.events_for("churn"))
+                   if json.loads(f[b"e"])["type"] == "retrain.suppressed"]
+        assert event["data"]["decision_id"] == rec["id"] and rec["reason"].startswith(event["data"]["reason"])
 
 
 class TestStaleSlot:

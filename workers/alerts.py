@@ -33,7 +33,7 @@ SENDING_CLAIM_S = 60
 """A run's claim to post an alert's webhook; a run that died mid-post leaves it to expire."""
 ALERT_TEXT_CHARS = 2000
 WEBHOOK_REPLAYS_PER_CALL = 10
-"""Most webhooks one outbox replay posts (one at a time, each up to ``WEBHOOK_TIMEOUT_S``)."""
+"""Most webhooks one outbox replay posts (each on a thread of its own, up to ``WEBHOOK_TIMEOUT_S``)."""
 SENT_KEPT_S = 30 * 86400
 """How long an alert id is remembered as sent."""
 
@@ -166,15 +166,19 @@ def send_queued_webhook(client, keys: Keys, event, url: str | None, *, backgroun
 
     if notify_once(client, keys, event, url, background=background, after=taken_out):
         return
-    if not url or client.get(keys.alert_sent(event.id)) == b"sent":
+    if not url:
+        log.warning("alert.webhook_not_configured", model=event.subject, alert_id=event.id)
+        taken_out()
+    elif client.get(keys.alert_sent(event.id)) == b"sent":
         taken_out()
 
 
 def replay_webhooks(client, keys: Keys, url: str | None, older_than_s: float, now: float | None = None,
-                    limit: int = WEBHOOK_REPLAYS_PER_CALL) -> int:
+                    limit: int = WEBHOOK_REPLAYS_PER_CALL, *, background: bool = True) -> int:
     """Post the webhooks of outbox alerts raised more than ``older_than_s`` ago (their worker died
-    before posting), at most ``limit`` of them (each post may take ``WEBHOOK_TIMEOUT_S``); return how
-    many were attempted. Synchronous."""
+    before posting), at most ``limit`` of them; return how many were started. Each post runs on a
+    thread of its own (up to ``WEBHOOK_TIMEOUT_S``), so a slow endpoint never holds up the caller's
+    rounds; an alert leaves the outbox when its post is over."""
     from events.envelope import parse_event
 
     now = time.time() if now is None else now
@@ -191,7 +195,7 @@ def replay_webhooks(client, keys: Keys, url: str | None, older_than_s: float, no
         if attempted >= limit:
             break  # the rest at the next replay
         log.warning("alert.webhook_replayed", model=event.subject, alert_id=event.id)
-        send_queued_webhook(client, keys, event, url, background=False)
+        send_queued_webhook(client, keys, event, url, background=background)
         attempted += 1
     return attempted
 

@@ -60,6 +60,9 @@ OUTBOX_REPLAY_S = 10.0
 OUTBOX_GRACE_S = 30.0
 """A decision younger than this is still being enqueued by the worker that made it."""
 EVALUATION_RETRY_S = 60.0
+EVENT_REASON_CHARS = 2000
+"""A suppression event carries its reason cut to this length (the record keeps it whole): a reason can list
+every removed column of a schema, and the event must fit the bus's size limit."""
 """A model whose state could not be read or evaluated is retried after this long."""
 STALE_IN_FLIGHT_S = 6 * 3600
 """A single-flight slot held this long by a model with no active rollout is considered lost."""
@@ -477,7 +480,6 @@ class DecisionService:
         results = pipe.execute()
         for ev in alerts:
             log.warning("alert.raised", model=ev.subject, title=ev.data["title"])
-            send_queued_webhook(self.redis, self.keys, ev, webhook)
         # retrain.decided only once the slot is known to be taken (the take-slot command's result).
         decided: list[CloudEvent] = []
         to_start: list[dict[str, Any]] = []
@@ -496,6 +498,8 @@ class DecisionService:
         else:
             for record in to_start:
                 self._start(record)
+        for ev in alerts:  # after the starts: a failure here leaves the post to the replay, not a start
+            send_queued_webhook(self.redis, self.keys, ev, webhook)
         self.decisions_made += made
         return made
 
@@ -583,7 +587,7 @@ class DecisionService:
             data = {"decision_id": record["id"], "urgency": record["urgency"], "triggers": fired,
                     "pipeline_id": record["pipeline_id"], "queue": record["queue"]}
         else:
-            data = {"decision_id": record["id"], "reason": record["reason"], "triggers": fired}
+            data = {"decision_id": record["id"], "reason": record["reason"][:EVENT_REASON_CHARS], "triggers": fired}
         return new_event(etype, record["model"], data, source=SOURCE, id=f"{record['id']}:{etype}")
 
     def _start(self, record: dict[str, Any]) -> bool:
@@ -591,7 +595,8 @@ class DecisionService:
         return enqueue_recorded(self.store, self.enqueue, record, by=self.consumer_name)
 
     def replay_outbox(self, now: float | None = None) -> int:
-        """Enqueue the decided pipelines that never reached Celery (broker error, or a worker died in between).
+        """Enqueue the decided pipelines that never reached Celery (broker error, or a worker died in between),
+        then post the webhooks of decision alerts whose worker died before posting them.
 
         Runs at most every ``OUTBOX_REPLAY_S`` per service and looks only at decisions older than
         ``OUTBOX_GRACE_S`` (younger ones are being enqueued by the worker that made them). A
@@ -603,7 +608,6 @@ class DecisionService:
         if now - self._last_replay < OUTBOX_REPLAY_S:
             return 0
         self._last_replay = now
-        replay_webhooks(self.redis, self.keys, webhook_url_from_settings(self.settings), OUTBOX_GRACE_S, now)
         started = 0
         for pipeline_id, record in self.store.outbox().items():
             if now - float(record["timestamp"]) < OUTBOX_GRACE_S:
@@ -619,4 +623,6 @@ class DecisionService:
                 started += self._start(claimed)
             finally:
                 self.store.release_enqueue(model, self._owner)
+        # Then the webhooks of alerts whose worker died before posting them (each on a thread of its own).
+        replay_webhooks(self.redis, self.keys, webhook_url_from_settings(self.settings), OUTBOX_GRACE_S, now)
         return started
