@@ -9,6 +9,7 @@ import time
 import pytest
 
 import workers.router.requestlog as requestlog
+from workers.rollout import evidence
 from workers.rollout.evidence import EvidenceCache
 
 MODEL = "m"
@@ -26,13 +27,28 @@ def label(client, keys, rid: str, value) -> None:
 
 
 def full_read(client, keys, rollout_ms: int, phase_started: float) -> list[dict]:
-    return EvidenceCache().records(client, keys, MODEL, rollout_ms, phase_started)
+    """The window read whole, as every tick read it before the cache (the oracle)."""
+    labels = {}
+    for _, fields in client.xrange(keys.feedback(MODEL), min=f"{rollout_ms}-0"):
+        fb = requestlog.decode_feedback(fields)
+        labels[fb["request_id"]] = fb["label"]
+    records = []
+    for _, fields in client.xrange(keys.requests(MODEL), min=f"{int(phase_started * 1000) + 1}-0"):
+        rec = requestlog.decode_request(fields)
+        if rec["ts"] is not None and rec["ts"] < phase_started:
+            continue
+        records.append({**rec, "error": bool(rec["error"]), "label": labels.get(rec["shadow_of"] or rec["request_id"])})
+    return records
 
 
 class TestIncrementalEvidence:
-    def test_reads_between_ticks_give_what_a_full_read_gives(self, redis_client, keys):
+    @pytest.mark.parametrize("trim", [None, 60], ids=["whole streams", "streams trimmed to 60 entries"])
+    def test_reads_between_ticks_give_what_a_full_read_gives(self, redis_client, keys, monkeypatch, trim):
         """Random interleavings of records (primary and shadow, some served before the phase), labels arriving
-        before and after their records, and relabels: after every batch the kept evidence equals a fresh read."""
+        before and after their records, and relabels, read a few entries at a time: after every batch the kept
+        evidence equals a full read of the window; with the streams trimmed (their length bound), records and
+        labels that left them are gone from the evidence too."""
+        monkeypatch.setattr(evidence, "READ_CHUNK", 7)
         rng = random.Random(7)
         rollout_ms = int(time.time() * 1000) - 5000
         label(redis_client, keys, "early", 0)  # a label from before the phase, for a request served in it
@@ -56,10 +72,15 @@ class TestIncrementalEvidence:
                     label(redis_client, keys, rng.choice(served), rng.randint(0, 1))
                 else:  # a label for a request not logged yet
                     label(redis_client, keys, f"r{len(served) + rng.randint(0, 3)}", rng.randint(0, 1))
+            if trim:
+                redis_client.xtrim(keys.requests(MODEL), maxlen=trim, approximate=False)
+                redis_client.xtrim(keys.feedback(MODEL), maxlen=trim // 2, approximate=False)
             kept = cache.records(redis_client, keys, MODEL, rollout_ms, phase_started)
             assert kept == full_read(redis_client, keys, rollout_ms, phase_started)
         assert any(r["label"] is not None for r in kept) and any(r["shadow_of"] for r in kept)
         assert all(r["ts"] >= phase_started for r in kept)
+        if trim:
+            assert len(kept) <= trim < len(served)
 
     def test_a_tick_decodes_only_what_was_written_since_the_last(self, redis_client, keys, monkeypatch):
         decoded = []

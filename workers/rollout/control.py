@@ -365,6 +365,7 @@ class RolloutControl:
             # Its actions are applied (above, or long ago): leave the active set, unless a new
             # rollout was saved meanwhile (then the revision moved on and this changes nothing).
             self._clear_outbox(model, state)
+            PHASE_EVIDENCE.forget(self.redis, self.keys, model)
             return state
         now = now or _now()
         cfg = self.cfg(model)
