@@ -377,6 +377,31 @@ class TestWorkerLostEveryTime:
         assert out["n_train"] > 0 and len(blips) == steps.MAX_STEP_STARTS + 1
 
 
+class TestFirstModel:
+    def test_its_completion_is_in_the_log_before_anyone_sees_it_in_production(self, pipeline_env, redis_client,
+                                                                              keys, monkeypatch):
+        """A monitor that sees the first model in production and reports drift at once: its signal lands after
+        rollout.completed, so the decision worker's reset of the old model's signals does not wipe it (it did on a
+        slow machine: the drift landed between the alias move and the event)."""
+        import workers.router.traffic as traffic
+        from events.envelope import new_event
+
+        pipeline_env()
+        bus, seen, read = EventBus(redis_client, keys), [], traffic.read_traffic
+
+        def react(client, keys_, model):  # what promote_first does right after the alias move
+            if not seen:
+                seen.append(Registry(redis_client, keys).alias(MODEL, "production"))
+                bus.publish(new_event("drift.data", MODEL, {"drift_score": 0.5, "drifted_features": ["tenure"]}))
+            return read(client, keys_, model)
+
+        monkeypatch.setattr(traffic, "read_traffic", react)
+        out = steps.run_step("start_rollout", steps.run_step("stage", steps.run_step("gate", trained("p-1"))))
+        assert out["rollout"] == steps.FIRST_MODEL_PROMOTED and seen == [1]
+        types = list(published(redis_client, keys).values())
+        assert types.index("rollout.completed") < types.index("drift.data")
+
+
 class TestGateBreakdown:
     def test_a_tampered_production_artifact_fails_the_pipeline(self, pipeline_env, redis_client, keys):
         """The gate cannot load production (its bytes changed): a pipeline failure (training.failed,

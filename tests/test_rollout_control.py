@@ -221,6 +221,29 @@ class TestManual:
         move = versions.alias_history(MODEL, "production")[-1]
         assert move.who == "ana" and "hotfix" in move.why
 
+    def test_the_completion_is_in_the_log_before_anyone_sees_the_new_production(self, control, versions,
+                                                                              redis_client, keys, monkeypatch):
+        """A monitor that sees v2 in production and reports drift at once: its signal lands after
+        rollout.completed (written with the alias move), which is published once."""
+        from events.bus import EventBus
+        from events.envelope import new_event
+
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        bus, seen, status = EventBus(redis_client, keys), [], ctl._status
+
+        def react(model, version, new_status, who, why):  # the first thing after the alias move
+            if new_status == "production" and not seen:
+                seen.append(versions.alias(MODEL, "production"))
+                bus.publish(new_event("drift.data", MODEL, {"drift_score": 0.3, "drifted_features": ["a"]}))
+            return status(model, version, new_status, who, why)
+
+        monkeypatch.setattr(ctl, "_status", react)
+        assert ctl.manual(MODEL, "promote", "ana", "now").status == "completed"
+        types = [json.loads(f[b"e"])["type"] for _, f in redis_client.xrange(keys.events_for(MODEL))]
+        assert seen == [2] and types.count("rollout.completed") == 1
+        assert types.index("rollout.completed") < types.index("drift.data")
+
     def test_cli_rollback_exit_codes(self, versions, redis_server, redis_client, keys):
         """`retrain rollback` with no rollout is one line and exit 2."""
         out = retrain_cli("rollback", MODEL, "--reason", "x", redis_url=redis_server.url)

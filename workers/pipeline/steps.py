@@ -450,18 +450,24 @@ def promote_first(env: _Env, model: str, version: int, why: str) -> None:
     """
     from workers.router.traffic import TrafficTable, read_traffic, write_traffic
 
+    completed = new_event("rollout.completed", model, {"version": version, "traffic": 100, "reason": why},
+                          source=SOURCE, id=f"{model}:first:{version}")
     if env.registry.get(model, version).status != "production":
         env.registry.set_status(model, version, "production", who="pipeline", why=why)
     if env.registry.alias(model, "production") != version:
+        # The event goes in with the alias: whoever sees the new production and reacts (a monitor's
+        # drift signal, say) publishes after it, so the decision worker's reset of the signals
+        # measured against the old model never wipes a signal about the new one.
         pipe = env.redis.pipeline(transaction=True)
         env.registry.set_alias(model, "production", version, who="pipeline", why=why, pipe=pipe)
         env.registry.set_alias(model, "candidate", None, who="pipeline", why=why, pipe=pipe)
+        env.bus.publish_in(pipe, [completed])
         pipe.execute()
+    else:  # a re-run: the move (and its event) happened; published again under its id, which consumers skip
+        env.bus.publish(completed)
     if not read_traffic(env.redis, env.keys, model).production:
         write_traffic(env.redis, env.keys, model, TrafficTable(production=str(version), previous="", candidate="",
                                                               candidate_percent=0.0, shadow=""))
-    env.bus.publish(new_event("rollout.completed", model, {"version": version, "traffic": 100, "reason": why},
-                              source=SOURCE, id=f"{model}:first:{version}"))
 
 
 def _release(env: _Env, ctx: dict[str, Any]) -> None:

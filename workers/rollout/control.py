@@ -149,7 +149,16 @@ class RolloutControl:
         if not self._still_at(model, state.revision):
             log.info("rollout.stale_actions_skipped", model=model, revision=state.revision)
             return
+        published: set[int] = set()  # completion events that went in with the promotion's alias move
         for i, action in enumerate(actions):
+            if i in published:
+                continue
+            if isinstance(action, Promote):
+                follows = [j for j in range(i + 1, len(actions))
+                           if isinstance(actions[j], Emit) and actions[j].type == machine.EVENT_COMPLETED]
+                if self._promote(model, action, state, [self._event(model, actions[j], state, j) for j in follows]):
+                    published.update(follows)
+                continue
             self._apply_one(model, state, action, i)
         if not state.active:
             pid = self.redis.hget(self.keys.rollout(model), "pipeline_id")
@@ -207,8 +216,6 @@ class RolloutControl:
             status = REGISTRY_STATUS.get(state.status)
             if status and action.candidate:
                 self._status(model, int(action.candidate), status, "rollout", state.reason)
-        elif isinstance(action, Promote):
-            self._promote(model, action, state)
         elif isinstance(action, Rollback):
             self._rollback(model, action, state)
         elif isinstance(action, Emit):
@@ -244,18 +251,26 @@ class RolloutControl:
         except LookupError:
             log.warning("rollout.unknown_version", model=model, version=version)
 
-    def _promote(self, model: str, action: Promote, state: RolloutState) -> None:
-        """Move the aliases (atomically, only at ``state``'s revision), then the statuses.
+    def _promote(self, model: str, action: Promote, state: RolloutState, events: list | None = None) -> bool:
+        """Move the aliases (atomically, only at ``state``'s revision), then the statuses; return
+        whether ``events`` went out with the move.
 
+        ``events`` (the completion the transition announces) are written in the alias move's
+        transaction: whoever sees the new production and reacts (a monitor's drift signal, say)
+        publishes after them, so the decision worker's reset of the signals measured against the
+        old model never wipes a signal about the new one. When this run does not move the aliases
+        (a replay finds them moved) the caller publishes them (same ids: consumers skip repeats).
         The statuses come after the aliases and are set again on a replay, so a run that died in
         between is completed; ``action.previous`` names the outgoing production for that case.
         """
         version = int(action.version)
         who, why = _last_who(state), state.reason
         replaced: list[int] = []
+        moved: list[bool] = []
 
         def move(pipe) -> None:
             replaced.clear()  # run again after a WatchError
+            moved.clear()
             current = self.registry.alias(model, "production")
             if current == version:
                 return
@@ -264,17 +279,21 @@ class RolloutControl:
                 self.registry.set_alias(model, "previous", current, who=who, why=f"replaced by v{version}", pipe=pipe)
             self.registry.set_alias(model, "production", version, who=who, why=why, pipe=pipe)
             self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
+            if events:
+                self.bus.publish_in(pipe, events)
+                moved.append(True)
 
         if not self._while_at(model, state.revision, move, watch=(self.keys.aliases(model),)):
-            return
+            return False
         if not self._still_at(model, state.revision):
-            return
+            return bool(moved)
         self._status(model, version, "production", who, why)
         outgoing = replaced[0] if replaced else (int(action.previous) if action.previous else None)
         if outgoing is not None and outgoing != version:
             self._status(model, outgoing, "previous", who, f"replaced by v{version}")
         if replaced:
             log.info("rollout.promoted", model=model, version=version, previous=replaced[0])
+        return bool(moved)
 
     def _rollback(self, model: str, action: Rollback, state: RolloutState) -> None:
         from workers.router.traffic import TrafficTable, write_traffic
@@ -303,13 +322,17 @@ class RolloutControl:
         log.warning("rollout.rolled_back", model=model, version=action.version, to_version=to_version,
                     reason=action.reason, manual=action.manual)
 
-    def _emit(self, model: str, action: Emit, state: RolloutState, index: int) -> None:
+    @staticmethod
+    def _event(model: str, action: Emit, state: RolloutState, index: int):
         data = dict(action.data)
         if action.type == "alert.raised":
             data.setdefault("title", data.pop("summary", None) or f"rollout of {model}")
         else:
             data.setdefault("version", int(state.candidate))
-        event = new_event(action.type, model, data, source=SOURCE, id=f"{model}:rollout:{state.candidate}:{state.revision}:{index}")
+        return new_event(action.type, model, data, source=SOURCE, id=f"{model}:rollout:{state.candidate}:{state.revision}:{index}")
+
+    def _emit(self, model: str, action: Emit, state: RolloutState, index: int) -> None:
+        event = self._event(model, action, state, index)
         self.bus.publish(event)
         # The id is fixed by the transition (model, candidate, revision, action index): a replay of
         # the same outbox finds the alert already recorded, and posts it only if no run sent it yet.
