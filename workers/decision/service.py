@@ -60,10 +60,10 @@ OUTBOX_REPLAY_S = 10.0
 OUTBOX_GRACE_S = 30.0
 """A decision younger than this is still being enqueued by the worker that made it."""
 EVALUATION_RETRY_S = 60.0
+"""A model whose state could not be read or evaluated is retried after this long."""
 EVENT_REASON_CHARS = 2000
 """A suppression event carries its reason cut to this length (the record keeps it whole): a reason can list
 every removed column of a schema, and the event must fit the bus's size limit."""
-"""A model whose state could not be read or evaluated is retried after this long."""
 STALE_IN_FLIGHT_S = 6 * 3600
 """A single-flight slot held this long by a model with no active rollout is considered lost."""
 SOURCE = "urn:retrain:decision"

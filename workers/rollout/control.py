@@ -266,11 +266,11 @@ class RolloutControl:
         version = int(action.version)
         who, why = _last_who(state), state.reason
         replaced: list[int] = []
-        moved: list[bool] = []
+        sent: list[bool] = []  # whether ``events`` went in with the move
 
         def move(pipe) -> None:
             replaced.clear()  # run again after a WatchError
-            moved.clear()
+            sent.clear()
             current = self.registry.alias(model, "production")
             if current == version:
                 return
@@ -281,19 +281,19 @@ class RolloutControl:
             self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
             if events:
                 self.bus.publish_in(pipe, events)
-                moved.append(True)
+                sent.append(True)
 
         if not self._while_at(model, state.revision, move, watch=(self.keys.aliases(model),)):
             return False
         if not self._still_at(model, state.revision):
-            return bool(moved)
+            return bool(sent)
         self._status(model, version, "production", who, why)
         outgoing = replaced[0] if replaced else (int(action.previous) if action.previous else None)
         if outgoing is not None and outgoing != version:
             self._status(model, outgoing, "previous", who, f"replaced by v{version}")
         if replaced:
             log.info("rollout.promoted", model=model, version=version, previous=replaced[0])
-        return bool(moved)
+        return bool(sent)
 
     def _rollback(self, model: str, action: Rollback, state: RolloutState) -> None:
         from workers.router.traffic import TrafficTable, write_traffic

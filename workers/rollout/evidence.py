@@ -36,19 +36,20 @@ READ_CHUNK = 10_000
 """Entries per XRANGE call (a long window is read in chunks, never in one reply)."""
 
 
-def _next_id(entry_id: str) -> str:
-    """The smallest stream id after ``entry_id`` (an XRANGE start that leaves it out; no ``(`` needed)."""
-    ms, _, seq = entry_id.partition("-")
-    return f"{ms}-{int(seq) + 1}"
-
-
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _id(entry_id: Any) -> tuple[int, int]:
+    """A stream entry id as (milliseconds, sequence), which orders as the stream does."""
     ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq)
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest stream id after ``entry_id`` (an XRANGE start that leaves it out; no ``(`` needed)."""
+    ms, seq = _id(entry_id)
+    return f"{ms}-{seq + 1}"
 
 
 def _first_id(client: redis.Redis, stream: str) -> tuple[int, int] | None:
