@@ -452,6 +452,24 @@ class TestLocalSystemSecrets:
         system.start_redis(external_url="redis://:s3cret@127.0.0.1:1/0")
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
+    def test_the_childrens_logs_are_private(self, tmp_path):
+        """<state_dir>/logs is 0700 and each child's log 0600, also when they existed with wider modes."""
+        import stat
+        import sys
+
+        from workers.supervisor import LocalSystem
+
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs").chmod(0o755)
+        (tmp_path / "logs" / "echo.log").write_text("before\n")
+        (tmp_path / "logs" / "echo.log").chmod(0o644)
+        system = LocalSystem(tmp_path)
+        for name in ("echo", "fresh"):
+            system.spawn(name, [sys.executable, "-c", "print('hello')"]).proc.wait(30)
+            assert stat.S_IMODE((tmp_path / "logs" / f"{name}.log").stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
+        assert (tmp_path / "logs" / "echo.log").read_text() == "before\nhello\n"
+
     def test_flower_credentials_are_not_on_its_command_line_and_still_enforced(self, redis_server, tmp_path):
         """The running Flower's argv (what ``ps`` shows) has no password, and Flower still asks for it."""
         import socket

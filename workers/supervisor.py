@@ -46,7 +46,9 @@ class LocalSystem:
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir)
-        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        logs = self.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        logs.chmod(0o700)  # the children's logs (events, model names, data paths) are for this user only
 
     # --- Redis ----------------------------------------------------------------------------
     def start_redis(self, external_url: str | None = None, port: int | None = None) -> str:
@@ -72,7 +74,9 @@ class LocalSystem:
     # --- children ---------------------------------------------------------------------------
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.state_dir / "logs" / f"{name}.log"
-        handle = open(log_path, "ab")
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.fchmod(fd, 0o600)  # the mode above only applies to a new file
+        handle = os.fdopen(fd, "ab")
         proc = subprocess.Popen(cmd, env=env or self.child_env(), stdout=handle, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
         handle.close()
