@@ -244,6 +244,20 @@ class TestManual:
         assert seen == [2] and types.count("rollout.completed") == 1
         assert types.index("rollout.completed") < types.index("drift.data")
 
+    def test_a_promotion_whose_reason_is_over_the_event_size_still_announces_it(self, control, versions,
+                                                                              redis_client, keys):
+        """An operator's 100 KB reason: the rollout completes, its history keeps the reason, and rollout.completed
+        goes out with it cut (an event over the bus's limit was left out of the alias move and then skipped)."""
+        ctl = control()
+        ctl.begin(MODEL, 2)
+        why = "because " * 12_500
+        state = ctl.manual(MODEL, "promote", "ana", why)
+        assert state.status == "completed" and versions.alias(MODEL, "production") == 2
+        assert any(entry.get("why") == why for entry in state.history)
+        [completed] = [e for e in (json.loads(f[b"e"]) for _, f in redis_client.xrange(keys.events_for(MODEL)))
+                       if e["type"] == "rollout.completed"]
+        assert why.startswith(completed["data"]["why"]) and len(completed["data"]["why"]) == 2000
+
     def test_cli_rollback_exit_codes(self, versions, redis_server, redis_client, keys):
         """`retrain rollback` with no rollout is one line and exit 2."""
         out = retrain_cli("rollback", MODEL, "--reason", "x", redis_url=redis_server.url)

@@ -461,8 +461,10 @@ def promote_first(env: _Env, model: str, version: int, why: str) -> None:
         pipe = env.redis.pipeline(transaction=True)
         env.registry.set_alias(model, "production", version, who="pipeline", why=why, pipe=pipe)
         env.registry.set_alias(model, "candidate", None, who="pipeline", why=why, pipe=pipe)
-        env.bus.publish_in(pipe, [completed])
+        left_out = env.bus.publish_in(pipe, [completed]).rejected
         pipe.execute()
+        if left_out:  # over the size limit: published on its own, which fails loudly
+            env.bus.publish(completed)
     else:  # a re-run: the move (and its event) happened; published again under its id, which consumers skip
         env.bus.publish(completed)
     if not read_traffic(env.redis, env.keys, model).production:

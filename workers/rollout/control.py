@@ -43,6 +43,9 @@ from workers.rollout.machine import Emit, Promote, Rollback, RolloutState, SetTr
 
 log = structlog.get_logger(__name__)
 
+EVENT_TEXT_CHARS = 2000
+"""A rollout event carries its ``why`` and ``reason`` cut to this length (the rollout's history keeps them whole)."""
+
 SOURCE = "urn:retrain:rollout"
 TICK_LOCK_MS = 20_000
 MANUAL_LOCK_WAIT_S = 2.0
@@ -279,9 +282,8 @@ class RolloutControl:
                 self.registry.set_alias(model, "previous", current, who=who, why=f"replaced by v{version}", pipe=pipe)
             self.registry.set_alias(model, "production", version, who=who, why=why, pipe=pipe)
             self.registry.set_alias(model, "candidate", None, who=who, why="promoted", pipe=pipe)
-            if events:
-                self.bus.publish_in(pipe, events)
-                sent.append(True)
+            if events and not self.bus.publish_in(pipe, events).rejected:
+                sent.append(True)  # else the caller publishes them, and an event that cannot go out fails loudly
 
         if not self._while_at(model, state.revision, move, watch=(self.keys.aliases(model),)):
             return False
@@ -325,6 +327,9 @@ class RolloutControl:
     @staticmethod
     def _event(model: str, action: Emit, state: RolloutState, index: int):
         data = dict(action.data)
+        for field in ("why", "reason"):  # an operator's text can be any length; the event must fit the bus
+            if isinstance(data.get(field), str):
+                data[field] = data[field][:EVENT_TEXT_CHARS]
         if action.type == "alert.raised":
             data.setdefault("title", data.pop("summary", None) or f"rollout of {model}")
         else:
