@@ -470,6 +470,15 @@ class TestLocalSystemSecrets:
         assert stat.S_IMODE((tmp_path / "logs").stat().st_mode) == 0o700
         assert (tmp_path / "logs" / "echo.log").read_text() == "before\nhello\n"
 
+    def test_a_log_whose_mode_cannot_be_set_is_left_with_a_warning(self, tmp_path, capsys):
+        """Where chmod is refused (a teammate's file in a shared state folder, a file system without modes), the
+        worker still starts: the mode is left as it is and a warning says so."""
+        from workers.supervisor import _make_private
+
+        _make_private(tmp_path / "gone.log", 0o600)  # chmod of a file that is not there: refused like a foreign one
+        captured = capsys.readouterr()
+        assert "supervisor.log_mode_unchanged" in captured.out + captured.err
+
     def test_flower_credentials_are_not_on_its_command_line_and_still_enforced(self, redis_server, tmp_path):
         """The running Flower's argv (what ``ps`` shows) has no password, and Flower still asks for it."""
         import socket

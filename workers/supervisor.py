@@ -24,6 +24,18 @@ from workers.redis_server import EmbeddedRedis
 
 log = structlog.get_logger(__name__)
 
+
+def _make_private(path: Path, mode: int, fd: int | None = None) -> None:
+    """Set a log folder's or file's mode; one this user may write but not chmod (a teammate's, in a shared
+    state folder, or on a file system without modes) is left as it is, with a warning."""
+    try:
+        if fd is None:
+            path.chmod(mode)
+        else:
+            os.fchmod(fd, mode)
+    except OSError as exc:
+        log.warning("supervisor.log_mode_unchanged", path=str(path), error=exc.strerror or str(exc))
+
 ROLES = ("decision", "training", "gate", "rollout")
 STOP_GRACE_S = 10.0
 
@@ -48,7 +60,7 @@ class LocalSystem:
         self.state_dir = Path(self.state_dir)
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        logs.chmod(0o700)  # the children's logs (events, model names, data paths) are for this user only
+        _make_private(logs, 0o700)  # the children's logs (events, model names, data paths) are for this user only
 
     # --- Redis ----------------------------------------------------------------------------
     def start_redis(self, external_url: str | None = None, port: int | None = None) -> str:
@@ -75,7 +87,7 @@ class LocalSystem:
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Child:
         log_path = self.state_dir / "logs" / f"{name}.log"
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.fchmod(fd, 0o600)  # the mode above only applies to a new file
+        _make_private(log_path, 0o600, fd)  # the mode above only applies to a new file
         handle = os.fdopen(fd, "ab")
         proc = subprocess.Popen(cmd, env=env or self.child_env(), stdout=handle, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
