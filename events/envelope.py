@@ -34,6 +34,10 @@ _DATE_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LATEST_TIME = datetime(2200, 1, 1, tzinfo=timezone.utc)
+EVENT_TEXT_CHARS = 2000
+"""The longest free text (a reason, an error, an alert's message) the system's own events carry: such text can
+be any length (an exception's, an operator's, a list of removed columns), and an event must fit the bus's size
+limit. The record the event announces keeps the text whole."""
 """An event's time must fall in [EARLIEST_TIME, LATEST_TIME): time windows around it stay in range."""
 
 

@@ -23,7 +23,7 @@ import redis
 import structlog
 
 from config.keys import Keys
-from events.envelope import new_event
+from events.envelope import EVENT_TEXT_CHARS, new_event
 
 log = structlog.get_logger(__name__)
 
@@ -31,7 +31,6 @@ ALERTS_KEPT = 100
 WEBHOOK_TIMEOUT_S = 3.0
 SENDING_CLAIM_S = 60
 """A run's claim to post an alert's webhook; a run that died mid-post leaves it to expire."""
-ALERT_TEXT_CHARS = 2000
 WEBHOOK_REPLAYS_PER_CALL = 10
 """Most webhooks one outbox replay posts (each on a thread of its own, up to ``WEBHOOK_TIMEOUT_S``)."""
 SENT_KEPT_S = 30 * 86400
@@ -42,9 +41,9 @@ def alert_event(model: str, severity: str, title: str, message: str = "", *, eve
                 **context: Any):
     """The ``alert.raised`` event; ``event_id`` makes its id deterministic (random when None).
 
-    Title and message are cut to ``ALERT_TEXT_CHARS`` (an exception's text can be any length; the
+    Title and message are cut to ``EVENT_TEXT_CHARS`` (an exception's text can be any length; the
     event must fit the bus's size limit)."""
-    title, message = title[:ALERT_TEXT_CHARS], message[:ALERT_TEXT_CHARS]
+    title, message = title[:EVENT_TEXT_CHARS], message[:EVENT_TEXT_CHARS]
     return new_event("alert.raised", model, {"severity": severity, "title": title, "message": message, **context},
                      source="urn:retrain:alerts", id=event_id)
 

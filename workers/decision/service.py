@@ -35,7 +35,7 @@ from config.keys import Keys, keys_from_settings
 from config.policy import Policy
 from config.settings import Settings, get_settings
 from events.bus import EventBus, StreamConsumer, gc_paused
-from events.envelope import CloudEvent, new_event
+from events.envelope import EVENT_TEXT_CHARS, CloudEvent, new_event
 from events.types import SIGNAL_TYPES
 from workers.alerts import (alert_event, queue_webhook, record_alert, replay_webhooks, send_queued_webhook,
                             webhook_url_from_settings)
@@ -61,9 +61,6 @@ OUTBOX_GRACE_S = 30.0
 """A decision younger than this is still being enqueued by the worker that made it."""
 EVALUATION_RETRY_S = 60.0
 """A model whose state could not be read or evaluated is retried after this long."""
-EVENT_REASON_CHARS = 2000
-"""A suppression event carries its reason cut to this length (the record keeps it whole): a reason can list
-every removed column of a schema, and the event must fit the bus's size limit."""
 STALE_IN_FLIGHT_S = 6 * 3600
 """A single-flight slot held this long by a model with no active rollout is considered lost."""
 SOURCE = "urn:retrain:decision"
@@ -587,7 +584,7 @@ class DecisionService:
             data = {"decision_id": record["id"], "urgency": record["urgency"], "triggers": fired,
                     "pipeline_id": record["pipeline_id"], "queue": record["queue"]}
         else:
-            data = {"decision_id": record["id"], "reason": record["reason"][:EVENT_REASON_CHARS], "triggers": fired}
+            data = {"decision_id": record["id"], "reason": record["reason"][:EVENT_TEXT_CHARS], "triggers": fired}
         return new_event(etype, record["model"], data, source=SOURCE, id=f"{record['id']}:{etype}")
 
     def _start(self, record: dict[str, Any]) -> bool:

@@ -28,7 +28,7 @@ import structlog
 from config.keys import Keys, keys_from_settings
 from config.settings import get_settings
 from events.bus import EventBus
-from events.envelope import new_event
+from events.envelope import EVENT_TEXT_CHARS, new_event
 
 log = structlog.get_logger(__name__)
 
@@ -495,11 +495,11 @@ def handle_failure(ctx: dict[str, Any], step: str, exc: BaseException) -> None:
     env.mark(ctx, status=f"failed:{step}", failed_step=step, error=reason,
              failed_at=datetime.now(timezone.utc).isoformat())
     if not blocked:
-        env.emit(ctx, "training.failed", step=step, error=reason[:2000])
+        env.emit(ctx, "training.failed", step=step, error=reason[:EVENT_TEXT_CHARS])
     title = ("quality gate blocked a candidate" if blocked else "training pipeline superseded" if superseded
              else f"training pipeline failed at {step}")
     raise_alert(env.redis, env.keys, env.bus, ctx["model"], "warning" if blocked or superseded else "critical",
-                title, reason[:2000], webhook_url=webhook_url_from_settings(env.settings),
+                title, reason[:EVENT_TEXT_CHARS], webhook_url=webhook_url_from_settings(env.settings),
                 event_id=f"{ctx['pipeline_id']}:alert.raised:{step}", pipeline_id=ctx["pipeline_id"])
     _release(env, ctx)
     log.warning("pipeline.failed", model=ctx["model"], step=step, error=reason)

@@ -33,7 +33,7 @@ import structlog
 from config.keys import Keys
 from config.policy import RolloutSection
 from events.bus import EventBus
-from events.envelope import new_event
+from events.envelope import EVENT_TEXT_CHARS, new_event
 from workers.alerts import notify_once, record_alert_once
 from workers.registry.store import Registry
 from workers.rollout import machine
@@ -42,9 +42,6 @@ from workers.rollout.evidence import PHASE_EVIDENCE
 from workers.rollout.machine import Emit, Promote, Rollback, RolloutState, SetTraffic
 
 log = structlog.get_logger(__name__)
-
-EVENT_TEXT_CHARS = 2000
-"""A rollout event carries its ``why`` and ``reason`` cut to this length (the rollout's history keeps them whole)."""
 
 SOURCE = "urn:retrain:rollout"
 TICK_LOCK_MS = 20_000
